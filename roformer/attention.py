@@ -1,0 +1,107 @@
+"""Multi-head attention: self or cross, SDPA or eager, RoPE on q and k, keys/values cache for decoding.
+
+Masks are boolean, True where a query may attend, shaped to broadcast to (B, nh, T_q, T_k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roformer.config import ModelConfig
+from roformer.positions import NO_ROPE, Rope, _NoRope
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer during incremental decoding, each (B, nh, T_k, hs).
+
+    Self-attention appends each step's keys; cross-attention fills it once from the source (`static`).
+    """
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    static: bool = False
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is not None:
+            key, value = torch.cat((self.key, key), dim=2), torch.cat((self.value, value), dim=2)
+        self.key, self.value = key, value
+        return key, value
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows in `index` (beam search picks which hypotheses live on)."""
+        if self.key is not None:
+            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.key is None else self.key.shape[2]
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(hs) + mask) v written out. q: (B, nh, T_q, hs); k, v: (B, nh, T_k, hs)."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T_q, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)
+    return F.dropout(weights, p=dropout_p) @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Softmax attention. With `cross=True` keys and values come from `context` and are never rotated."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.cross = cross
+        self.rotary_value = cfg.rotary_value
+        self.impl = cfg.attention_impl
+        self.dropout = cfg.attention_dropout
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hs)
+
+    def _keys_values(self, source: torch.Tensor, rope: Rope | _NoRope, cache: KVCache | None):
+        if cache is not None and cache.static and cache.key is not None:
+            return cache.key, cache.value  # the source's keys, computed at the first decoding step
+        k, v = self._heads(self.key(source)), self._heads(self.value(source))
+        k = rope.rotate(k)
+        if self.rotary_value:
+            v = rope.rotate(v)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: Rope | _NoRope = NO_ROPE,
+        context: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, T, H); context: (B, S, H) for cross-attention. Returns (B, T, H) and, if asked, the weights."""
+        if self.cross:
+            rope = NO_ROPE  # positions live in each stream's self-attention, not across streams
+        q = rope.rotate(self._heads(self.query(x)))
+        k, v = self._keys_values(context if self.cross else x, rope, cache)
+        out, weights = self.attend(q, k, v, mask, need_weights)
+        return self.out(out.transpose(1, 2).flatten(2)), weights
+
+    def attend(self, q, k, v, mask, need_weights):
+        dropout_p = self.dropout if self.training else 0.0
+        if self.impl == "eager" or need_weights:
+            return eager_attention(q, k, v, mask, dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None

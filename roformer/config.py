@@ -1,0 +1,392 @@
+"""Typed configs: one dataclass per concern, YAML recipes loaded into them, dotted overrides type-checked.
+
+A recipe is a YAML mapping with the keys of `RunConfig`. `load_config(path, overrides)` returns a
+`RunConfig`; an unknown key, a wrong type or a value outside its choices raises `ConfigError` whose
+message names the key, where it came from (the file or the command line) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from roformer.errors import ConfigError
+
+PositionName = Literal["rotary", "sinusoidal", "learned", "none"]
+
+
+@dataclass
+class ModelConfig:
+    """The encoder (and, for translation, the decoder). Field names follow BERT/RoFormer where they can."""
+
+    vocab_size: int = 30522
+    """Rows of the word embedding; a run sets it from its tokenizer."""
+    hidden_size: int = 768
+    num_layers: int = 12
+    """Encoder layers."""
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    """Width of the feed-forward layer."""
+    max_position_embeddings: int = 512
+    """Rows of the learned table; for rotary the trained length that RoPE scaling extends from."""
+    embedding_size: int | None = None
+    """Width of the embeddings when it differs from hidden_size (projected up, as in HF RoFormer)."""
+    type_vocab_size: int = 2
+    position: PositionName = "rotary"
+    """The position scheme: rotary (RoPE, the paper), sinusoidal (Vaswani), learned (BERT) or none."""
+    rotary_pairing: Literal["interleaved", "half"] = "interleaved"
+    """interleaved: pairs (x[2i], x[2i+1]) as in the paper and HF RoFormer; half: Llama/GPT-NeoX."""
+    rope_base: float = 10000.0
+    rope_scaling: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn"] = "none"
+    """Context extension beyond max_position_embeddings (rotary only)."""
+    rope_scaling_factor: float = 1.0
+    rotary_value: bool = False
+    """Rotate the values too, as transformers' RoFormer optionally does."""
+    attention: Literal["softmax", "linear"] = "softmax"
+    """softmax attention, or the paper's linear attention (sec. 3.3)."""
+    attention_impl: Literal["sdpa", "eager"] = "sdpa"
+    """sdpa: torch's fused kernels; eager: the same maths written out, returns attention weights."""
+    linear_feature_map: Literal["elu", "favor"] = "elu"
+    """phi for linear attention: elu(x) + 1, or Performer's positive random features."""
+    hidden_act: str = "gelu"
+    classifier_activation: str = "gelu"
+    """gelu as in HF RoFormer's classification head; tanh as in BERT's pooler."""
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    num_decoder_layers: int = 0
+    """Decoder layers of the encoder-decoder (translation); 0 for an encoder only."""
+    embedding_layer_norm: bool = True
+    """LayerNorm after the embeddings (BERT, RoFormer); the original Transformer has none."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do."""
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"
+            )
+        if self.position == "rotary" and (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError("model.position=rotary needs an even head size (hidden_size / num_heads)")
+        if self.rope_scaling_factor < 1.0:
+            raise ConfigError(f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class MLMDataConfig:
+    """Masked-LM pretraining text."""
+
+    corpus: Literal["builtin", "files", "hub"] = "builtin"
+    """builtin: Python's own documentation (offline); files: train_files; hub: hub_name/hub_config."""
+    train_files: list[str] = field(default_factory=list)
+    validation_files: list[str] = field(default_factory=list)
+    """Held-out text; when empty, validation_fraction of the documents is held out."""
+    validation_fraction: float = 0.2
+    hub_name: str | None = None
+    hub_config: str | None = None
+    text_column: str = "text"
+    tokenizer: str | None = None
+    """A tokenizer directory; when empty a WordPiece tokenizer is trained on the training text."""
+    tokenizer_vocab_size: int = 8000
+    max_seq_length: int = 128
+    mlm_probability: float = 0.15
+    max_documents: int | None = None
+    """Use only the first N documents (quick runs)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if self.max_seq_length < 8:
+            raise ConfigError(f"data.max_seq_length must be at least 8, got {self.max_seq_length}")
+
+
+@dataclass
+class GLUEDataConfig:
+    """One GLUE task, from a local GLUE directory (original TSV layout) or the hub."""
+
+    task_name: str = "rte"
+    data_dir: str | None = None
+    """A GLUE directory holding <TASK>/train.tsv, dev.tsv, test.tsv; when empty, hub_name is used."""
+    hub_name: str = "nyu-mll/glue"
+    tokenizer: str | None = None
+    """A tokenizer directory; by default the one saved with the initial checkpoint."""
+    max_seq_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TranslationDataConfig:
+    """Line-aligned parallel text, or the hub's wmt14."""
+
+    source_lang: str = "en"
+    target_lang: str = "de"
+    train_prefix: str | None = None
+    """Path prefix of the training files: <prefix>.<source_lang> and <prefix>.<target_lang>."""
+    valid_prefix: str | None = None
+    test_prefix: str | None = None
+    hub_name: str | None = None
+    hub_config: str = "de-en"
+    tokenizer: str | None = None
+    bpe_vocab_size: int = 37000
+    max_tokens: int = 4096
+    """Tokens per batch (source + target side, padded), as fairseq counts them."""
+    max_source_length: int = 256
+    max_target_length: int = 256
+    max_length_ratio: float = 1.5
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop."""
+
+    seed: int = 42
+    max_steps: int = 1000
+    """Optimizer steps."""
+    per_device_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-6
+    max_grad_norm: float = 1.0
+    lr_scheduler: Literal["linear", "cosine", "inverse_sqrt", "constant"] = "linear"
+    warmup_steps: int = 0
+    warmup_init_lr: float = 0.0
+    """Learning rate at step 0 of the warmup (fairseq starts at 1e-7)."""
+    label_smoothing: float = 0.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_every: int = 200
+    max_eval_batches: int | None = None
+    """Cap evaluation during training to this many batches (the final evaluation is complete)."""
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    """Checkpoints kept on disk (the newest K)."""
+    resume_from: str | None = None
+    """latest, or a checkpoint directory."""
+    log_with: Literal["wandb", "tensorboard", "none"] = "wandb"
+    """Tracker beside metrics.jsonl; wandb runs offline unless WANDB_MODE or an API key says otherwise."""
+    project: str = "roformer"
+    num_workers: int = 0
+
+    def __post_init__(self):
+        for name in (
+            "max_steps",
+            "per_device_batch_size",
+            "gradient_accumulation_steps",
+            "eval_every",
+            "log_every",
+            "save_every",
+            "keep_last",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+
+
+DATA_CONFIGS: dict[str, type] = {"mlm": MLMDataConfig, "glue": GLUEDataConfig, "translation": TranslationDataConfig}
+
+
+@dataclass
+class RunConfig:
+    """One run: which task, where its outputs go, and the model, data and training settings."""
+
+    task: Literal["mlm", "glue", "translation"] = "mlm"
+    output_dir: str = "runs/default"
+    init_from: str | None = None
+    """Start from these weights: a run's final/ directory or a transformers checkpoint directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = field(default_factory=MLMDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain mappings, with errors that name the key and its origin
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    kind = typing.get_origin(tp)
+    bad = ConfigError(f"{origin}: {key}={value!r} is not allowed; expected {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if kind is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if kind in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key, origin)
+            except ConfigError:
+                continue
+        raise bad
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if kind is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # one path on the command line is a list of one
+            value = [value]
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, item_tp, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key, origin)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str = "", origin: str = "config"):
+    """Build `cls` from a mapping; unknown keys, wrong types and bad choices raise ConfigError."""
+    where = prefix or "the top level"
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: {where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{origin}: unknown key '{dotted}'; allowed keys in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted, origin)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['model.position=sinusoidal', 'train.max_steps=200'] -> nested dict with YAML-typed values."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"command line: override {item!r} is not of the form dotted.key=value")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: override {item!r} sets a key below a value")
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        at = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path}:{at} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of keys to values")
+    return raw
+
+
+def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
+    raw = dict(raw)
+    task = raw.get("task", "mlm")
+    if task not in DATA_CONFIGS:
+        raise ConfigError(f"{origin}: task={task!r} is not allowed; expected one of {', '.join(DATA_CONFIGS)}")
+    data = build_dataclass(DATA_CONFIGS[task], raw.pop("data", {}) or {}, "data", origin)
+    cfg = build_dataclass(RunConfig, raw, "", origin)
+    cfg.data = data
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from the defaults when path is None) and apply dotted overrides."""
+    raw = _read_yaml(Path(path)) if path else {}
+    origin = str(path) if path else "defaults"
+    cfg = config_from_dict(raw, origin)  # the file alone first, so its own mistakes name the file
+    if overrides:
+        cfg = config_from_dict(_merge(raw, parse_overrides(overrides)), f"{origin} + command line")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml(), encoding="utf-8")
+
+
+def model_config_from_dict(raw: dict, origin: str = "config.json") -> ModelConfig:
+    return build_dataclass(ModelConfig, raw, "model", origin)
