@@ -190,6 +190,11 @@ class TrainConfig:
     """Checkpoints kept on disk (the newest K)."""
     resume_from: str | None = None
     """latest, or a checkpoint directory."""
+    best_metric: str | None = None
+    """Keep the weights with the best value of this metric (e.g. eval/accuracy) and finish with them."""
+    best_mode: Literal["max", "min"] = "max"
+    average_checkpoints: int = 0
+    """Finish with the mean weights of the last N checkpoints (the paper's translation recipe: 5)."""
     log_with: Literal["wandb", "tensorboard", "none"] = "wandb"
     """Tracker beside metrics.jsonl; wandb runs offline unless WANDB_MODE or an API key says otherwise."""
     project: str = "roformer"
@@ -207,6 +212,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.average_checkpoints > self.keep_last:
+            raise ConfigError(f"train.average_checkpoints={self.average_checkpoints} needs train.keep_last >= it")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
 

@@ -1,0 +1,117 @@
+"""Run directories -> a comparison table and a plot of their convergence curves (the paper's Figure 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from roformer.errors import DataError
+from roformer.tracking import read_metrics
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """A run's config, metric rows and final results; a directory without metrics.jsonl is an error."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise DataError(f"{run_dir}: no metrics.jsonl here (not a run directory)")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    results_file = run_dir / "eval_results.json"
+    return {
+        "name": run_dir.name,
+        "dir": run_dir,
+        "config": config,
+        "rows": read_metrics(run_dir),
+        "results": json.loads(results_file.read_text()) if results_file.is_file() else {},
+    }
+
+
+def series(rows: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    points = [(r[x], r[key]) for r in rows if key in r and x in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _last(rows: list[dict], key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def summary_row(run: dict) -> dict:
+    rows, model = run["rows"], run["config"].get("model", {})
+    speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    row = {
+        "run": run["name"],
+        "scheme": model.get("position", "?"),
+        "steps": max((r["step"] for r in rows), default=0),
+        "tokens/s": sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None),
+    }
+    for key in eval_keys:
+        row[key] = run["results"].get(key, _last(rows, key))
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into docs)."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_runs(runs: list[dict], out: str | Path, keys=("train/loss", "eval/loss")) -> Path:
+    """One panel per metric against steps, and the same against training tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(series(run["rows"], k)[0] for run in runs)]
+    fig, axes = plt.subplots(2, len(present), figsize=(6 * len(present), 8), squeeze=False)
+    for col, key in enumerate(present):
+        for run in runs:
+            label = f"{run['name']} ({run['config'].get('model', {}).get('position', '?')})"
+            steps, values = series(run["rows"], key)
+            axes[0][col].plot(steps, values, label=label)
+            tokens = _tokens_at(run["rows"], steps)
+            axes[1][col].plot(tokens, values, label=label)
+        axes[0][col].set(title=key, xlabel="step", ylabel=key)
+        axes[1][col].set(title=f"{key} vs tokens", xlabel="training tokens", ylabel=key)
+        for ax in (axes[0][col], axes[1][col]):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _tokens_at(rows: list[dict], steps: list[int]) -> list[float]:
+    """Training tokens seen by each step (interpolated between logged points)."""
+    logged = [(r["step"], r["train/tokens"]) for r in rows if "train/tokens" in r]
+    if not logged:
+        return list(steps)
+    out = []
+    for step in steps:
+        before = [t for s, t in logged if s <= step]
+        out.append(before[-1] if before else logged[0][1] * step / max(logged[0][0], 1))
+    return out
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> str:
+    """Load runs, write the plot (if `out`), return the table."""
+    runs = [load_run(d) for d in run_dirs]
+    if out:
+        plot_runs(runs, out)
+    return format_table([summary_row(run) for run in runs])

@@ -1,0 +1,350 @@
+"""The one training loop every task shares, on accelerate: optimizer, schedule, accumulation, clipping,
+evaluation, logging, atomic checkpoints, exact resume, clean stop on SIGTERM/SIGINT, NaN guard.
+
+A task (roformer.tasks.base.Task) supplies data, model, loss and metrics; nothing here is task-specific.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from roformer.checkpointing import Checkpoints, average_checkpoints
+from roformer.config import RunConfig, TrainConfig, save_config
+from roformer.errors import UserError
+from roformer.tasks import get_task_class
+from roformer.tasks.base import Task
+from roformer.tracking import MetricsLog, tracker_name
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: saved with every checkpoint, enough to continue with the same data order."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Micro-batches of `epoch` already consumed (per process)."""
+    tokens_seen: int = 0
+    """Real (non-padding) training tokens over all processes."""
+    best_value: float | None = None
+    status: str = "running"
+
+
+def no_decay(name: str) -> bool:
+    """Biases and LayerNorm weights take no weight decay (BERT's convention)."""
+    return name.endswith(".bias") or ".norm" in name or "_norm" in name or name.startswith("norm")
+
+
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": tc.weight_decay},
+        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+
+
+def build_scheduler(optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule; with warmup_init_lr > 0 the warmup starts there instead of at 0 (fairseq)."""
+    scheduler = get_scheduler(
+        tc.lr_scheduler, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps
+    )
+    floor = tc.warmup_init_lr / tc.learning_rate
+    if floor > 0:
+        base = scheduler.lr_lambdas[0]
+
+        def with_floor(step: int) -> float:
+            return floor + (1 - floor) * base(step) if step < tc.warmup_steps else base(step)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, with_floor)
+    return scheduler
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then it checkpoints and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, task: Task | None = None):
+        self.cfg = cfg
+        self.tc = cfg.train
+        self.task = task or get_task_class(cfg.task)(cfg)
+        self.run_dir = Path(cfg.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=self.tc.gradient_accumulation_steps,
+            mixed_precision=self.tc.mixed_precision,
+            log_with=tracker_name(self.tc.log_with),
+            project_dir=str(self.run_dir),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        self.checkpoints = Checkpoints(self.run_dir, self.accelerator, self.tc.keep_last)
+        self.state = TrainerState()
+
+    # ---------------------------------------------------------------------------------------------
+    # Set-up
+    # ---------------------------------------------------------------------------------------------
+
+    def _resume_point(self) -> Path | None:
+        resume = self.tc.resume_from
+        if resume is None:
+            if self.checkpoints.complete():
+                raise UserError(
+                    f"{self.run_dir}: output_dir already holds checkpoints; continue it with train.resume_from=latest "
+                    "or choose a new output_dir"
+                )
+            return None
+        if resume == "latest":
+            return self.checkpoints.latest()  # None: nothing saved yet, start from the beginning
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"train.resume_from={resume}: not a complete checkpoint directory")
+        return path
+
+    def _write_run_header(self) -> None:
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------------------------------------
+    # The loop
+    # ---------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, dataloader):
+        """Micro-batches forever, epoch after epoch, starting where the state says."""
+        skip = self.state.batches_in_epoch
+        while True:
+            dataloader.set_epoch(self.state.epoch)
+            batches = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+            for batch in batches:
+                self.state.batches_in_epoch += 1
+                yield batch
+            skip = 0
+            self.state.epoch += 1
+            self.state.batches_in_epoch = 0
+
+    def train(self) -> dict:
+        """Run to train.max_steps (or until stopped) and return the final evaluation."""
+        set_seed(self.tc.seed)
+        resume_dir = self._resume_point()
+        self.task.setup(self.accelerator, self.run_dir)  # bad data fails here, before the run dir is written
+        self._write_run_header()
+
+        model = self.task.build_model()
+        optimizer = build_optimizer(model, self.tc)
+        scheduler = build_scheduler(optimizer, self.tc)
+        train_dl, eval_dl = self.task.train_dataloader(), self.task.eval_dataloader()
+        model, optimizer, train_dl, eval_dl = self.accelerator.prepare(model, optimizer, train_dl, eval_dl)
+        self.accelerator.register_for_checkpointing(scheduler)
+        self.model, self.optimizer, self.scheduler, self.eval_dl = model, optimizer, scheduler, eval_dl
+
+        if resume_dir is not None:
+            self.state = TrainerState(**self.checkpoints.load(resume_dir))
+            self.state.status = "running"
+            self._print(f"resumed from {resume_dir} at step {self.state.step}")
+        self.log = MetricsLog(self.run_dir, self.accelerator, self.state.step if resume_dir else None)
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(
+                self.tc.project,
+                config=_flat(self.cfg.to_dict()),
+                init_kwargs={"wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}},
+            )
+
+        with StopRequested() as stop:
+            self._loop(train_dl, stop)
+        if self.state.status == "interrupted":
+            self.accelerator.end_training()
+            return {"status": "interrupted", "step": self.state.step}
+        results = self._finish()
+        self.accelerator.end_training()
+        return results
+
+    def _loop(self, train_dl, stop: StopRequested) -> None:
+        acc, tc, model = self.accelerator, self.tc, self.model
+        model.train()
+        bar = tqdm(
+            total=tc.max_steps,
+            initial=self.state.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not acc.is_local_main_process,
+        )
+        window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        micro = 0
+        batches = self._micro_batches(train_dl)
+        while self.state.step < tc.max_steps:
+            batch = self.task.training_batch(next(batches), self.state.step)
+            with acc.accumulate(model):
+                loss = self.task.loss(model, batch)
+                acc.backward(loss)
+                if acc.sync_gradients and tc.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.detach().float().item()
+            window_count += 1
+            window_tokens += self.task.count_tokens(batch)
+            micro += 1
+            if not acc.sync_gradients:
+                continue
+            if not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            self.state.step += 1
+            bar.update(1)
+            step = self.state.step
+            self._check_finite(window_loss / window_count)
+
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens = int(acc.reduce(torch.tensor(window_tokens, device=acc.device), "sum").item())
+                self.state.tokens_seen += tokens
+                mean_loss = acc.reduce(torch.tensor(window_loss / window_count, device=acc.device), "mean").item()
+                self.log.log(
+                    {
+                        "train/loss": mean_loss,
+                        "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/tokens_per_s": tokens / max(elapsed, 1e-9),
+                        "train/tokens": self.state.tokens_seen,
+                        "train/epoch": self.state.epoch,
+                    },
+                    step,
+                )
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            if step % tc.eval_every == 0 and step < tc.max_steps:
+                self._evaluate(step, tc.max_eval_batches)
+            if step % tc.save_every == 0 and step < tc.max_steps:
+                self._save()
+            if self._stop_requested(stop):
+                self._save()
+                self.state.status = "interrupted"
+                self._print(f"stopped at step {step}; checkpoint saved; continue with train.resume_from=latest")
+                break
+        bar.close()
+
+    def _stop_requested(self, stop: StopRequested) -> bool:
+        flag = torch.tensor(int(stop.requested), device=self.accelerator.device)
+        return (
+            bool(self.accelerator.reduce(flag, "max").item()) if self.accelerator.num_processes > 1 else stop.requested
+        )
+
+    def _check_finite(self, loss: float) -> None:
+        bad = torch.tensor(int(not math.isfinite(loss)), device=self.accelerator.device)
+        if self.accelerator.reduce(bad, "max").item():
+            latest = self.checkpoints.latest()
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been saved yet"
+            raise TrainingDiverged(
+                f"loss became {loss} at step {self.state.step}; stopped without saving; {kept} "
+                "(try a lower train.learning_rate, more warmup or train.max_grad_norm)"
+            )
+
+    def _evaluate(self, step: int, max_batches: int | None) -> dict:
+        model = self.model
+        model.eval()
+        with torch.no_grad():
+            metrics = {
+                f"eval/{k}": v
+                for k, v in self.task.evaluate(model, self.eval_dl, self.accelerator, max_batches).items()
+            }
+        model.train()
+        self.log.log(metrics, step)
+        self._keep_if_best(metrics, step)
+        return metrics
+
+    def _keep_if_best(self, metrics: dict, step: int) -> None:
+        name = self.tc.best_metric
+        if name is None:
+            return
+        if name not in metrics:
+            raise UserError(f"train.best_metric={name} is not among the evaluation metrics: {', '.join(metrics)}")
+        value, best = metrics[name], self.state.best_value
+        better = best is None or (value > best if self.tc.best_mode == "max" else value < best)
+        if better:
+            self.state.best_value = value
+            if self.accelerator.is_main_process:
+                self.accelerator.unwrap_model(self.model).save_pretrained(self.run_dir / "best")
+                (self.run_dir / "best" / "best.json").write_text(json.dumps({"step": step, name: value}))
+            self.accelerator.wait_for_everyone()
+
+    def _save(self) -> Path:
+        return self.checkpoints.save(self.state.step, asdict(self.state))
+
+    # ---------------------------------------------------------------------------------------------
+    # The end
+    # ---------------------------------------------------------------------------------------------
+
+    def _finish(self) -> dict:
+        acc, tc = self.accelerator, self.tc
+        step = self.state.step
+        self._evaluate(step, tc.max_eval_batches)
+        self.state.status = "done"
+        self._save()
+        model = acc.unwrap_model(self.model)
+        if tc.average_checkpoints > 1:
+            paths = [p for _, p in self.checkpoints.complete()[-tc.average_checkpoints :]]
+            model.load_state_dict(average_checkpoints(paths), strict=False)
+            self._print(f"averaged the weights of {len(paths)} checkpoints: {', '.join(p.name for p in paths)}")
+        elif tc.best_metric and (self.run_dir / "best").is_dir():
+            best = type(model).from_pretrained(self.run_dir / "best")
+            model.load_state_dict(best.state_dict())
+        model.eval()
+        with torch.no_grad():
+            results = self.task.final_evaluation(self.model, self.eval_dl, acc, self.run_dir)
+        if acc.is_main_process:
+            model.save_pretrained(self.run_dir / "final")
+            self.task.save_artifacts(self.run_dir / "final")
+            (self.run_dir / "eval_results.json").write_text(json.dumps({"step": step, **results}, indent=2))
+        acc.wait_for_everyone()
+        return results
+
+    def _print(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            tqdm.write(message)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run the task named by `cfg.task` to the end and return its final evaluation."""
+    return Trainer(cfg).train()
