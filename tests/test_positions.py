@@ -1,0 +1,299 @@
+"""RoPE invariants (paper sec. 3.2-3.4), context-extension scalings, and the additive tables."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import roformer
+from roformer.positions import (
+    Rope,
+    RotaryPositions,
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_pairs,
+    scaled_inv_freq,
+    sinusoidal_table,
+)
+
+PAIRINGS = ["interleaved", "half"]
+
+
+def _rotated(x: torch.Tensor, positions: torch.Tensor, pairing: str, base: float = 10000.0) -> torch.Tensor:
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(x.shape[-1], base), pairing)
+    return apply_rope(x, cos, sin, pairing)
+
+
+def _half_order(head_dim: int) -> torch.Tensor:
+    """Interleaved pair (2i, 2i+1) is half pair (i, i + d/2): the evens, then the odds."""
+    return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE maths
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("base", [10000.0, 100.0])
+def test_scores_depend_only_on_relative_position(pairing, base):
+    """q and k the same vectors at every position: the score matrix q_m . k_n must be Toeplitz in (m, n)."""
+    d, length = 16, 40
+    q = torch.randn(d).expand(1, 1, length, d)
+    k = torch.randn(d).expand(1, 1, length, d)
+    positions = torch.arange(length)
+    scores = (_rotated(q, positions, pairing, base) @ _rotated(k, positions, pairing, base).transpose(-2, -1))[0, 0]
+    for shift in (1, 5, 23):  # (m, n) against (m + s, n + s)
+        assert_close(scores[shift:, shift:], scores[: length - shift, : length - shift], atol=1e-5, rtol=1e-5)
+    assert scores[0].std() > 0.1  # not vacuous: the score does vary with m - n
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_scores_at_far_positions_match_near_ones(pairing):
+    """Random q, k; score at (m, n) equals the score at (m + s, n + s) for shifts up to 10^4."""
+    d = 32
+    q, k = torch.randn(2, 1, 1, 1, d).unbind(0)
+    for m, n, s in [(3, 0, 1000), (0, 9, 777), (50, 50, 10000), (1, 200, 4096)]:
+        score = (_rotated(q, torch.tensor([m]), pairing) * _rotated(k, torch.tensor([n]), pairing)).sum()
+        shifted = (_rotated(q, torch.tensor([m + s]), pairing) * _rotated(k, torch.tensor([n + s]), pairing)).sum()
+        assert_close(score, shifted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_rotation_preserves_norms(pairing):
+    x = torch.randn(2, 3, 50, 16)
+    rotated = _rotated(x, torch.arange(50) * 37, pairing)
+    assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+    assert not torch.allclose(rotated[..., 1:, :], x[..., 1:, :])  # it did rotate
+
+
+def test_position_zero_is_identity():
+    x = torch.randn(2, 3, 1, 16)
+    for pairing in PAIRINGS:
+        assert_close(_rotated(x, torch.tensor([0]), pairing), x)
+
+
+def test_rotate_pairs_turns_each_pair_by_90_degrees():
+    x = torch.arange(1.0, 9.0)
+    assert rotate_pairs(x, "interleaved").tolist() == [-2, 1, -4, 3, -6, 5, -8, 7]
+    assert rotate_pairs(x, "half").tolist() == [-5, -6, -7, -8, 1, 2, 3, 4]
+
+
+def test_interleaved_equals_half_after_permuting_head_dims():
+    d = 16
+    order = _half_order(d)
+    x = torch.randn(2, 3, 20, d)
+    positions = torch.arange(20) * 3
+    interleaved = _rotated(x, positions, "interleaved")
+    half = _rotated(x[..., order], positions, "half")
+    assert_close(interleaved[..., order], half)
+
+
+def test_interleaved_and_half_models_agree_once_qk_weights_are_permuted(tiny_config):
+    """The same maths up to a permutation of head dims: permuting each head's q/k projection rows makes a
+    half-pairing model reproduce an interleaved one exactly (and they differ without the permutation)."""
+    cfg = tiny_config()
+    interleaved = roformer.RoFormerModel(cfg).eval()
+    half = roformer.RoFormerModel(tiny_config(rotary_pairing="half")).eval()
+    state = interleaved.state_dict()
+    half.load_state_dict(state)
+    ids = torch.randint(1, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = interleaved(ids).last_hidden_state
+        assert not torch.allclose(half(ids).last_hidden_state, expected, atol=1e-4)
+        rows = torch.cat([h * cfg.head_dim + _half_order(cfg.head_dim) for h in range(cfg.num_heads)])
+        for name, tensor in state.items():
+            if ".attn.query." in name or ".attn.key." in name:
+                state[name] = tensor[rows]
+        half.load_state_dict(state)
+        assert_close(half(ids).last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_score_is_the_complex_form_of_eq_16(pairing):
+    """q_m . k_n = Re[sum_i h_i e^{i (m - n) theta_i}] with h_i = q_[i] conj(k_[i]) (paper eq. 16 and 35)."""
+    d, m, n = 16, 17, 5
+    order = _half_order(d) if pairing == "interleaved" else torch.arange(d)
+    q, k = torch.randn(2, 1, 1, 1, d, dtype=torch.float64).unbind(0)
+    score = (_rotated(q, torch.tensor([m]), pairing) * _rotated(k, torch.tensor([n]), pairing)).sum()
+    qh, kh = q.flatten()[order], k.flatten()[order]  # real parts in the first half, imaginary in the second
+    qc, kc = torch.complex(qh[: d // 2], qh[d // 2 :]), torch.complex(kh[: d // 2], kh[d // 2 :])
+    expected = (qc * kc.conj() * torch.exp(1j * (m - n) * rope_inv_freq(d))).sum().real
+    assert_close(score, expected)
+
+
+def _relative_upper_bound(distances: torch.Tensor, d: int = 128, base: float = 10000.0) -> torch.Tensor:
+    """(1 / (d/2)) * sum_{j=1}^{d/2} |S_j|, S_j = sum_{k<j} e^{i r theta_k} (paper sec. 3.4.3, Figure 2)."""
+    theta = rope_inv_freq(d, base)
+    partial_sums = torch.exp(1j * distances.double()[:, None] * theta[None]).cumsum(-1)  # S_1 .. S_{d/2}
+    return partial_sums.abs().mean(-1)
+
+
+def test_long_term_decay_of_the_upper_bound():
+    """Figure 2: the bound decays as the relative distance grows (d = 128, base 10000)."""
+    bound = _relative_upper_bound(torch.arange(0, 260))
+    assert_close(bound[0].item(), (128 / 2 + 1) / 2)  # at distance 0 every |S_j| = j
+    window_means = [bound[start : start + 11].mean() for start in (0, 50, 100, 150, 200)]
+    assert all(a > b for a, b in zip(window_means, window_means[1:])), window_means
+    assert window_means[0] > 2 * window_means[-1]
+
+
+def test_upper_bound_holds_for_random_scores():
+    """Abel summation: |q_m . k_n| <= max_i |h_{i+1} - h_i| * sum_j |S_j|, for every m - n."""
+    d = 128
+    order = _half_order(d)
+    q, k = torch.randn(2, 1, 1, 1, d, dtype=torch.float64).unbind(0)
+    qh, kh = q.flatten()[order], k.flatten()[order]
+    h = torch.complex(qh[: d // 2], qh[d // 2 :]) * torch.complex(kh[: d // 2], kh[d // 2 :]).conj()
+    steps = (torch.cat((h, h.new_zeros(1))).diff()).abs().max()  # h_{d/2} = 0
+    distances = torch.arange(0, 300, 7)
+    scores = (_rotated(q, distances, "interleaved") * _rotated(k, torch.tensor([0]), "interleaved")).sum(-1)
+    assert (scores.flatten().abs() <= steps * _relative_upper_bound(distances) * (d / 2) + 1e-9).all()
+
+
+def test_cos_sin_use_float64_angles():
+    """m * theta_i must not be rounded to float32 before cos/sin: at m ~ 1e5 that would be off by ~1e-2."""
+    inv_freq = rope_inv_freq(64)
+    m = 100_003
+    cos, sin = rope_cos_sin(torch.tensor([m]), inv_freq, "half")
+    expected_cos = torch.tensor([math.cos(m * t) for t in inv_freq.tolist()] * 2, dtype=torch.float32)
+    expected_sin = torch.tensor([math.sin(m * t) for t in inv_freq.tolist()] * 2, dtype=torch.float32)
+    assert_close(cos[0], expected_cos, atol=1e-6, rtol=0)
+    assert_close(sin[0], expected_sin, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_cos_sin_layout(pairing):
+    d = 8
+    cos, _ = rope_cos_sin(torch.tensor([1]), rope_inv_freq(d), pairing)
+    theta = [10000 ** (-2 * i / d) for i in range(d // 2)]
+    per_dim = [t for t in theta for _ in (0, 1)] if pairing == "interleaved" else theta + theta
+    assert_close(cos[0], torch.tensor([math.cos(t) for t in per_dim]))
+
+
+def test_cos_sin_float32_and_apply_rope_keeps_dtype_and_shape_in_bfloat16(tiny_config):
+    model = roformer.RoFormerModel(tiny_config()).to(torch.bfloat16)
+    positions = torch.arange(10)
+    rope = model.embeddings.positions.rope(positions)
+    assert isinstance(rope, Rope)
+    assert rope.cos.dtype == rope.sin.dtype == torch.float32
+    assert rope.cos.shape == (10, 8)
+    x = torch.randn(2, 4, 10, 8, dtype=torch.bfloat16)
+    rotated = rope.rotate(x)
+    assert rotated.dtype == torch.bfloat16 and rotated.shape == x.shape
+    batched = model.embeddings.positions.rope(positions.expand(2, 10))  # per-row positions: (B, T, d)
+    assert batched.cos.shape == (2, 10, 8) and batched.cos.dtype == torch.float32
+    assert_close(batched.rotate(x), rotated)
+    out = model(torch.randint(1, 97, (2, 10))).last_hidden_state
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 10, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Context extension
+# --------------------------------------------------------------------------------------------------
+
+
+def _rotary(tiny_config, scaling: str, factor: float, max_len: int = 64, **kw) -> RotaryPositions:
+    return RotaryPositions(
+        tiny_config(rope_scaling=scaling, rope_scaling_factor=factor, max_position_embeddings=max_len, **kw)
+    )
+
+
+@pytest.mark.parametrize("factor", [2.0, 4.0])
+def test_linear_scaling_at_f_times_m_equals_unscaled_at_m(tiny_config, factor):
+    scaled, plain = _rotary(tiny_config, "linear", factor), _rotary(tiny_config, "none", 1.0)
+    positions = torch.arange(0, 40)
+    a, b = scaled.rope(positions * int(factor)), plain.rope(positions)
+    assert_close(a.cos, b.cos)
+    assert_close(a.sin, b.sin)
+
+
+def test_scaling_factor_one_changes_nothing(tiny_config):
+    positions = torch.arange(200)
+    plain = _rotary(tiny_config, "none", 1.0).rope(positions)
+    for scaling in ("linear", "ntk", "dynamic_ntk", "yarn"):
+        rope = _rotary(tiny_config, scaling, 1.0).rope(positions)
+        assert_close(rope.cos, plain.cos)
+        assert_close(rope.sin, plain.sin)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_ntk_keeps_the_highest_frequency_and_interpolates_the_lowest(head_dim):
+    factor = 8.0
+    plain, _ = scaled_inv_freq(head_dim, 10000.0, "none", 1.0, 512, 512)
+    ntk, scale = scaled_inv_freq(head_dim, 10000.0, "ntk", factor, 512, 512)
+    assert scale == 1.0
+    assert ntk[0] == plain[0] == 1.0  # theta_0 = base^0, whatever the base
+    assert_close(ntk[-1], plain[-1] / factor)  # base * f^(d/(d-2)) makes the lowest frequency exactly 1/f slower
+    assert (ntk[1:] < plain[1:]).all() and (ntk[1:] > plain[1:] / factor - 1e-12).all()
+
+
+def test_dynamic_ntk_unchanged_up_to_the_trained_length(tiny_config):
+    rotary = _rotary(tiny_config, "dynamic_ntk", 4.0, max_len=64)
+    plain = _rotary(tiny_config, "none", 1.0, max_len=64)
+    within = torch.arange(64)
+    assert_close(rotary.rope(within).cos, plain.rope(within).cos, atol=0, rtol=0)
+    longer = torch.arange(256)
+    cos_long, cos_plain = rotary.rope(longer).cos, plain.rope(longer).cos
+    assert not torch.allclose(cos_long, cos_plain)
+    assert_close(cos_long[:, :2], cos_plain[:, :2])  # interleaved dims 0, 1: theta_0 = 1 is never scaled
+    inv_freq, scale = scaled_inv_freq(8, 10000.0, "dynamic_ntk", 4.0, 64, 256)
+    grown = 4.0 * 256 / 64 - 3.0
+    assert scale == 1.0
+    assert_close(inv_freq[-1], rope_inv_freq(8)[-1] / grown)
+
+
+def test_yarn_keeps_high_frequencies_interpolates_low_ones_and_scales_cos_sin():
+    head_dim, factor, max_len = 64, 4.0, 512
+    plain = rope_inv_freq(head_dim)
+    yarn, scale = scaled_inv_freq(head_dim, 10000.0, "yarn", factor, max_len, max_len)
+    assert scale == pytest.approx(0.1 * math.log(factor) + 1)
+    # pairs that turn more than 32 times over the trained length are kept, fewer than once are interpolated
+    turns = max_len * plain / (2 * math.pi)
+    assert torch.equal(yarn[turns > 32], plain[turns > 32])
+    assert_close(yarn[turns < 1], plain[turns < 1] / factor)
+    assert (yarn <= plain).all() and (yarn >= plain / factor - 1e-15).all()
+    assert (turns > 32).any() and (turns < 1).any()
+    cos, sin = rope_cos_sin(torch.arange(3), yarn, "half", scale)
+    assert_close(cos[0], torch.full((head_dim,), scale))
+    assert_close(cos**2 + sin**2, torch.full_like(cos, scale**2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Additive schemes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_sinusoidal_table_matches_vaswani():
+    table = sinusoidal_table(50, 16)
+    assert table.shape == (50, 16) and table.dtype == torch.float32
+    for m, i in [(0, 0), (1, 0), (7, 3), (49, 7), (33, 5)]:
+        angle = m / 10000 ** (2 * i / 16)
+        assert table[m, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+        assert table[m, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_sinusoidal_scheme_adds_the_table(tiny_config):
+    scheme = roformer.POSITION_SCHEMES["sinusoidal"](tiny_config(embedding_size=24))
+    x = torch.zeros(2, 30, 24)
+    positions = torch.arange(30)
+    assert_close(scheme.add_to(x, positions), sinusoidal_table(30, 24).expand(2, -1, -1))
+
+
+def test_learned_positions_refuse_sequences_longer_than_the_table(tiny_config):
+    model = roformer.RoFormerForMaskedLM(tiny_config(position="learned", max_position_embeddings=16))
+    assert model(torch.randint(1, 97, (1, 16))).logits.shape == (1, 16, 97)
+    with pytest.raises(roformer.SequenceTooLongError, match="max_position_embeddings=16"):
+        model(torch.randint(1, 97, (1, 17)))
+
+
+@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "none"])
+def test_other_schemes_have_no_maximum_length(tiny_config, position):
+    model = roformer.RoFormerForMaskedLM(tiny_config(position=position, max_position_embeddings=16))
+    assert model(torch.randint(1, 97, (1, 40))).logits.shape == (1, 40, 97)
+
+
+def test_every_scheme_is_registered():
+    assert set(roformer.POSITION_SCHEMES) == {"rotary", "sinusoidal", "learned", "none"}
