@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+from transformers import DataCollatorForLanguageModeling
 
 from roformer.builtin_corpus import builtin_documents
 from roformer.config import MLMDataConfig, RunConfig
@@ -22,8 +22,8 @@ from roformer.data_files import expand_text_files, read_utf8
 from roformer.errors import DataError
 from roformer.modeling import RoFormerForMaskedLM, load_pretrained
 from roformer.tasks.base import Task
+from roformer.tokenization import load_tokenizer, train_wordpiece
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")  # ' = Title = ' starts an article; ' = = Section = = ' does not
 EVAL_SALT = 1_000_003  # keeps evaluation masks apart from any training step's
 
@@ -105,33 +105,6 @@ def load_corpus(data: MLMDataConfig, seed: int) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_wordpiece(documents: list[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
-    """A lowercased BERT WordPiece tokenizer trained with `tokenizers` on `documents`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2)
-    tok.train_from_iterator(documents, trainer=trainer)
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=model_max_length,
-    )
-
-
 def pack_documents(token_lists: list[list[int]], block_size: int, cls_id: int, sep_id: int) -> list[list[int]]:
     """Document-aware packing: whole documents (or block-sized pieces of long ones), separated by [SEP], are
     packed greedily into blocks of at most `block_size` tokens, each `[CLS] ... [SEP]`. A piece never straddles
@@ -211,9 +184,9 @@ class MLMTask(Task):
         train_docs, valid_docs = load_corpus(data, cfg.train.seed)
         tokenizer_dir = run_dir / "tokenizer"
         if data.tokenizer:
-            self.tokenizer = _load_tokenizer(data.tokenizer)
+            self.tokenizer = load_tokenizer(data.tokenizer)
         elif cfg.train.resume_from and tokenizer_dir.is_dir():
-            self.tokenizer = _load_tokenizer(tokenizer_dir)  # a resumed run keeps its vocabulary
+            self.tokenizer = load_tokenizer(tokenizer_dir)  # a resumed run keeps its vocabulary
         else:
             with accelerator.main_process_first():
                 self.tokenizer = train_wordpiece(train_docs, data.tokenizer_vocab_size, data.max_seq_length)
@@ -312,10 +285,3 @@ class MLMTask(Task):
     def save_artifacts(self, path: Path) -> None:
         self.tokenizer.save_pretrained(path)
 
-
-def _load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise DataError(f"data.tokenizer={path}: not a tokenizer directory")
-    return AutoTokenizer.from_pretrained(str(path))
