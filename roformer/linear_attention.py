@@ -104,8 +104,11 @@ class LinearMultiHeadAttention(MultiHeadAttention):
         if cache is not None or context is not None:
             raise NotImplementedError("linear attention is self-attention without a KV cache")
         q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
-        key_mask = None if mask is None else mask.transpose(-2, -1).to(v.dtype)  # (B, 1, 1, T) -> (B, 1, T, 1)
-        out = linear_attention(self.phi(q, True), self.phi(k, False), v, rope, key_mask, self.causal)
+        # The linear form takes key padding and causality, not an arbitrary mask: a mask with one row per query
+        # is the decoder's causal mask, and its last row (the query that sees every earlier key) is the padding.
+        causal = self.causal or (mask is not None and mask.shape[-2] > 1)
+        key_mask = None if mask is None else mask[..., -1:, :].transpose(-2, -1).to(v.dtype)  # (B, 1, T, 1)
+        out = linear_attention(self.phi(q, True), self.phi(k, False), v, rope, key_mask, causal)
         out = F.dropout(out, self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).flatten(2)), None
 
