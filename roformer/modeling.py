@@ -20,6 +20,7 @@ from torch import nn
 
 from roformer.attention import KVCache, MultiHeadAttention
 from roformer.config import ModelConfig, model_config_from_dict
+from roformer.errors import ConfigError
 from roformer.linear_attention import ATTENTION_KINDS
 from roformer.positions import build_position_scheme
 
@@ -379,6 +380,11 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.embedding_dim != cfg.hidden_size:
+            raise ConfigError(
+                f"model.embedding_size={cfg.embedding_size} must equal model.hidden_size={cfg.hidden_size} "
+                "(or be null) in the encoder-decoder, which has no embedding projection"
+            )
         self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.encoder = TransformerStack(cfg, cfg.num_layers)
