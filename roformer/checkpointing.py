@@ -8,6 +8,7 @@ position). It is written to a hidden temporary directory and renamed into place 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 STATE_FILE = "trainer_state.json"
+
+# Tied input/output embeddings are one tensor: accelerate saves it once and says so at every checkpoint.
+logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 

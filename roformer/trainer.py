@@ -132,6 +132,15 @@ class Trainer:
             raise UserError(f"train.resume_from={resume}: not a complete checkpoint directory")
         return path
 
+    def _resolve_num_epochs(self) -> None:
+        """train.num_epochs -> train.max_steps, before config.yaml is written, so the run records its step count."""
+        tc = self.tc
+        if tc.num_epochs is None:
+            return
+        # accelerate shards batches over processes and syncs gradients at the end of each epoch
+        batches = math.ceil(len(self.task.train_dataloader()) / self.accelerator.num_processes)
+        tc.max_steps = tc.num_epochs * math.ceil(batches / tc.gradient_accumulation_steps)
+
     def _write_run_header(self) -> None:
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,12 +169,17 @@ class Trainer:
         set_seed(self.tc.seed)
         resume_dir = self._resume_point()
         self.task.setup(self.accelerator, self.run_dir)  # bad data fails here, before the run dir is written
+        self._resolve_num_epochs()
         self._write_run_header()
 
         model = self.task.build_model()
         optimizer = build_optimizer(model, self.tc)
         scheduler = build_scheduler(optimizer, self.tc)
         train_dl, eval_dl = self.task.train_dataloader(), self.task.eval_dataloader()
+        for dataloader in (train_dl, eval_dl):
+            # Without a generator of its own, every new iterator (each epoch, and a resume) draws a seed from the
+            # global RNG and shifts dropout: a resumed run would no longer match the straight one.
+            dataloader.generator = torch.Generator().manual_seed(self.tc.seed)
         model, optimizer, train_dl, eval_dl = self.accelerator.prepare(model, optimizer, train_dl, eval_dl)
         self.accelerator.register_for_checkpointing(scheduler)
         self.model, self.optimizer, self.scheduler, self.eval_dl = model, optimizer, scheduler, eval_dl
