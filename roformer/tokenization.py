@@ -1,8 +1,8 @@
-"""Tokenizers trained with the `tokenizers` library, made reproducible.
+"""Tokenizers trained with the `tokenizers` library.
 
-The `tokenizers` trainers number the initial alphabet in hash-map order, which changes from process to
-process; the vocabulary is therefore renumbered canonically (special tokens first, then sorted), so the
-same text always gives the same ids and a resumed or repeated run sees identical data.
+Training is not bit-for-bit repeatable: `tokenizers` breaks ties between equally frequent merges in hash-map
+order, which changes from process to process. A run therefore saves its tokenizer and a resumed run reuses it,
+and runs that are compared share one saved tokenizer (`data.tokenizer=RUN/tokenizer`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ from roformer.errors import DataError
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def canonical_vocab(vocab: dict[str, int], special_tokens: list[str]) -> dict[str, int]:
-    """Special tokens keep ids 0..k-1 in their given order; every other token is numbered in sorted order."""
-    rest = sorted(t for t in vocab if t not in special_tokens)
-    return {token: i for i, token in enumerate([*special_tokens, *rest])}
-
-
 def train_wordpiece(documents: list[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
     """A lowercased BERT WordPiece tokenizer trained on `documents`, with [CLS] A [SEP] (B [SEP]) templates."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -31,7 +25,6 @@ def train_wordpiece(documents: list[str], vocab_size: int, model_max_length: int
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS, min_frequency=2)
     tok.train_from_iterator(documents, trainer=trainer)
-    tok.model = models.WordPiece(canonical_vocab(tok.get_vocab(), BERT_SPECIAL_TOKENS), unk_token="[UNK]")
     tok.decoder = decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -47,6 +40,7 @@ def train_wordpiece(documents: list[str], vocab_size: int, model_max_length: int
         sep_token="[SEP]",
         mask_token="[MASK]",
         model_max_length=model_max_length,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],  # pairs carry segment ids (GLUE)
     )
 
 
