@@ -1,0 +1,213 @@
+"""Decoding for `RoFormerForSeq2SeqLM`: greedy search and batched beam search with a length penalty.
+
+Both run the decoder incrementally: the source is encoded once, the cross-attention keys/values of the
+source are computed at the first step and kept (`LayerCache.cross_attn`), and each step feeds only the newest
+token, attending to the cached keys/values of the earlier ones (`LayerCache.self_attn`). `use_cache=False`
+recomputes the whole prefix at every step instead: the slow reference the cached path is tested against.
+
+Beam search follows fairseq's `SequenceGenerator`:
+- every live hypothesis of a sentence is extended by every token and the 2K best candidates are kept;
+  candidates ending in EOS among the first K are finished, the first K others live on;
+- a sentence is done when it has K finished hypotheses (or reaches its maximum length, where EOS is forced);
+- length penalty, fairseq's convention: a finished hypothesis scores  sum of token log-probs / length ** lenpen,
+  length counting the generated tokens including EOS. (GNMT's ((5 + length) / 6) ** alpha is the other
+  convention; Vaswani et al. give alpha = 0.6 without saying which; fairseq's is used here.)
+- maximum length per sentence: max_len_a * source length + max_len_b tokens before EOS (fairseq-generate's
+  defaults are a=0, b=200), source length counting the real tokens without EOS. Per sentence rather than per
+  batch, so a translation never depends on the sentences it was batched with.
+
+Pad and BOS are never generated. Beam 1 is greedy search (tested).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = -math.inf
+
+
+@dataclass
+class Hypotheses:
+    """The best translation of each sentence of a batch."""
+
+    tokens: list[list[int]]
+    """Per sentence, the generated ids without BOS and EOS."""
+    scores: torch.Tensor
+    """(B,) sum of log-probs (EOS included) / length ** length_penalty."""
+
+
+class _Decoder:
+    """One decoder step for the live rows, with the KV cache (only the newest token goes in) or without it."""
+
+    def __init__(self, model, memory: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool):
+        self.model, self.memory, self.mask = model, memory, attention_mask
+        # linear attention has no KV cache: its decoder recomputes the prefix (correct, quadratic in length)
+        use_cache = use_cache and model.config.attention == "softmax"
+        self.caches = model.new_caches() if use_cache else None
+
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (N, t), BOS first. Returns the next-token log-probs (N, V) in float32."""
+        inputs = tokens[:, -1:] if self.caches is not None else tokens
+        logits = self.model.decode(inputs, self.memory, self.mask, self.caches)[:, -1]
+        return logits.float().log_softmax(-1)
+
+    def reorder_beams(self, rows: torch.Tensor) -> None:
+        """Rows moved within their sentence's beam: only the decoder's own keys/values change (the source's
+        keys/values and memory are the same for every beam of a sentence)."""
+        if self.caches is not None:
+            for cache in self.caches:
+                cache.self_attn.reorder(rows)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the rows of finished sentences (and reorder the rest): every per-row state follows."""
+        self.memory, self.mask = self.memory.index_select(0, rows), self.mask.index_select(0, rows)
+        if self.caches is not None:
+            for cache in self.caches:
+                cache.reorder(rows)
+
+
+def max_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int, a: float, b: int) -> torch.Tensor:
+    """(B,) longest allowed translation (tokens before EOS) for each source: int(a * source length + b)."""
+    source_len = (attention_mask.bool() & input_ids.ne(eos_id)).sum(1)
+    return (a * source_len.double() + b).long().clamp_min(0)
+
+
+def _constrain(lprobs: torch.Tensor, step: int, max_len: torch.Tensor, min_length: int, ids: dict) -> torch.Tensor:
+    """lprobs: (n, K, V) at decoding step `step` (0-based); max_len: (n,). Never pad or BOS; no EOS before
+    `min_length` tokens; only EOS once a sentence has `max_len` tokens."""
+    eos = ids["eos"]
+    eos_lp = lprobs[..., eos].clone()
+    lprobs[..., ids["pad"]] = NEG_INF
+    lprobs[..., ids["bos"]] = NEG_INF
+    if step < min_length:
+        lprobs[..., eos] = NEG_INF
+    at_max = step >= max_len
+    if at_max.any():
+        lprobs[at_max] = NEG_INF
+        lprobs[..., eos] = torch.where(at_max[:, None], eos_lp, lprobs[..., eos])
+    return lprobs
+
+
+def _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b):
+    if attention_mask is None:
+        attention_mask = input_ids.ne(pad_id).long()
+    memory = model.encode(input_ids, attention_mask)  # (B, S, H), once
+    return attention_mask, memory, max_lengths(input_ids, attention_mask, eos_id, max_len_a, max_len_b)
+
+
+@torch.no_grad()
+def greedy_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    length_penalty: float = 0.6,
+    max_len_a: float = 0.0,
+    max_len_b: int = 200,
+    min_length: int = 0,
+    use_cache: bool = True,
+) -> Hypotheses:
+    """The most probable next token at every step. input_ids: (B, S) sources ending in EOS, right-padded."""
+    ids = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
+    attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b)
+    batch = input_ids.shape[0]
+    decoder = _Decoder(model, memory, attention_mask, use_cache)
+    tokens = input_ids.new_full((batch, 1), bos_id)
+    scores = memory.new_zeros(batch, dtype=torch.float32)
+    alive = torch.arange(batch, device=input_ids.device)  # original index of each live row
+    out_tokens: list[list[int]] = [[] for _ in range(batch)]
+    out_scores = torch.zeros(batch)
+    for step in range(int(max_len.max()) + 1):
+        lprobs = _constrain(decoder.log_probs(tokens)[:, None], step, max_len[alive], min_length, ids)[:, 0]
+        best, token = lprobs.max(-1)
+        scores = scores + best
+        tokens = torch.cat((tokens, token[:, None]), dim=1)
+        ended = token.eq(eos_id)
+        for row in ended.nonzero()[:, 0].tolist():
+            out_tokens[alive[row]] = tokens[row, 1:-1].tolist()
+            out_scores[alive[row]] = scores[row].item() / (step + 1) ** length_penalty
+        if ended.all():
+            break
+        if ended.any():
+            rows = (~ended).nonzero()[:, 0]
+            tokens, scores, alive = tokens[rows], scores[rows], alive[rows]
+            decoder.keep(rows)
+    return Hypotheses(out_tokens, out_scores)
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    max_len_a: float = 0.0,
+    max_len_b: int = 200,
+    min_length: int = 0,
+    use_cache: bool = True,
+) -> Hypotheses:
+    """Batched beam search (fairseq's rules, see the module docstring). input_ids: (B, S) sources ending in EOS,
+    right-padded. The B * K hypotheses are decoded together as one batch; finished sentences leave it."""
+    ids = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
+    attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b)
+    batch, k, device = input_ids.shape[0], beam_size, input_ids.device
+    rows = torch.arange(batch, device=device).repeat_interleave(k)
+    decoder = _Decoder(model, memory.index_select(0, rows), attention_mask.index_select(0, rows), use_cache)
+    tokens = input_ids.new_full((batch * k, 1), bos_id)  # (n * K, t)
+    scores = torch.full((batch, k), NEG_INF, device=device)  # (n, K) sum of log-probs
+    scores[:, 0] = 0.0  # all K beams start identical: expand only the first at step 0
+    alive = torch.arange(batch, device=device)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    offsets = torch.arange(2 * k, device=device)
+    for step in range(int(max_len.max()) + 1):
+        n = alive.numel()
+        lprobs = _constrain(decoder.log_probs(tokens).view(n, k, -1), step, max_len[alive], min_length, ids)
+        vocab = lprobs.shape[-1]
+        cand_scores, cand = (scores[:, :, None] + lprobs).view(n, -1).topk(2 * k, dim=1)  # (n, 2K)
+        cand_beams, cand_tokens = cand // vocab, cand % vocab
+        is_eos = cand_tokens.eq(eos_id)
+
+        # EOS among the K best finishes a hypothesis
+        finishing = is_eos[:, :k] & cand_scores[:, :k].isfinite()
+        for i, j in finishing.nonzero().tolist():
+            sentence = int(alive[i])
+            if len(finished[sentence]) < k:
+                hypothesis = tokens[i * k + cand_beams[i, j], 1:].tolist()
+                finished[sentence].append((cand_scores[i, j].item() / (step + 1) ** length_penalty, hypothesis))
+        done = torch.tensor([len(finished[int(s)]) >= k for s in alive], device=device) | (step >= max_len[alive])
+
+        # the first K candidates that are not EOS live on
+        live = (is_eos.long() * 2 * k + offsets).topk(k, dim=1, largest=False).indices  # (n, K)
+        scores = cand_scores.gather(1, live)
+        source_rows = (torch.arange(n, device=device)[:, None] * k + cand_beams.gather(1, live)).view(-1)
+        tokens = torch.cat((tokens[source_rows], cand_tokens.gather(1, live).view(-1, 1)), dim=1)
+        if done.all():
+            break
+        if done.any():
+            kept = (~done).nonzero()[:, 0]
+            kept_rows = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)
+            tokens, scores, alive = tokens[kept_rows], scores[kept], alive[kept]
+            decoder.keep(source_rows[kept_rows])
+        else:
+            decoder.reorder_beams(source_rows)
+
+    best = [max(hyps, key=lambda h: h[0]) for hyps in finished]
+    return Hypotheses([h[1] for h in best], torch.tensor([h[0] for h in best]))
+
+
+def generate(model, input_ids, attention_mask=None, *, beam_size: int = 4, **kwargs) -> Hypotheses:
+    """Beam search, or greedy search when beam_size is 1 (the same result, less bookkeeping)."""
+    if beam_size == 1:
+        return greedy_search(model, input_ids, attention_mask, **kwargs)
+    return beam_search(model, input_ids, attention_mask, beam_size=beam_size, **kwargs)

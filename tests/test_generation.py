@@ -1,0 +1,145 @@
+"""Decoding (roformer.generation): greedy and beam search on the KV cache, against slower references."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from roformer import ModelConfig, RoFormerForSeq2SeqLM
+from roformer.generation import beam_search, generate, greedy_search
+
+IDS = dict(bos_id=1, eos_id=2, pad_id=0)
+VOCAB = 40
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on two shared cores slow these small ops down by 10x or more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(position: str = "rotary") -> RoFormerForSeq2SeqLM:
+    """Weights of std 1 and an untied output layer: unlike the small init, the translations vary in tokens and
+    length from sentence to sentence, so finished sentences leave the batch at different steps."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        position=position,
+        scale_embeddings=True,
+        embedding_layer_norm=False,
+        type_vocab_size=0,
+        tie_word_embeddings=False,
+    )
+    model = RoFormerForSeq2SeqLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 1.0)
+    return model
+
+
+def sources(batch: int = 8, longest: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded sources of different lengths, each ending in EOS: (B, S) ids and mask."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    for row in range(batch):
+        n = int(torch.randint(2, longest + 1, (1,), generator=gen))
+        ids[row, : n - 1] = torch.randint(4, VOCAB, (n - 1,), generator=gen)
+        ids[row, n - 1] = IDS["eos_id"]
+    return ids, ids.ne(0).long()
+
+
+def test_the_test_model_is_not_degenerate():
+    """Guards the tests below: their model must give translations of several lengths and more than one token."""
+    ids, mask = sources()
+    hyps = greedy_search(random_model(), ids, mask, max_len_b=12, **IDS)
+    assert len({len(t) for t in hyps.tokens}) >= 3
+    assert max(len(set(t)) for t in hyps.tokens) >= 3
+
+
+@pytest.mark.parametrize("position", ["rotary", "sinusoidal"])
+def test_beam_one_equals_greedy(position):
+    model, (ids, mask) = random_model(position), sources()
+    greedy = greedy_search(model, ids, mask, max_len_b=12, **IDS)
+    beam = beam_search(model, ids, mask, beam_size=1, max_len_b=12, **IDS)
+    assert beam.tokens == greedy.tokens
+    assert_close(beam.scores, greedy.scores)
+
+
+@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "learned", "none"])
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_cached_decoding_matches_recomputing_the_prefix(position, beam_size):
+    """The KV cache (decoder keys/values appended, source keys/values computed once, both reordered as beams
+    move and sentences finish) gives what recomputing every prefix from scratch gives."""
+    model, (ids, mask) = random_model(position), sources()
+    cached = generate(model, ids, mask, beam_size=beam_size, max_len_b=12, **IDS)
+    recomputed = generate(model, ids, mask, beam_size=beam_size, max_len_b=12, use_cache=False, **IDS)
+    assert cached.tokens == recomputed.tokens
+    assert_close(cached.scores, recomputed.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length_penalty", [0.6, 1.0])
+def test_scores_are_length_normalized_log_probs_of_the_hypotheses(length_penalty):
+    """score = sum of log p(token | prefix, source) over the hypothesis and EOS / (length + 1) ** lenpen,
+    recomputed here by teacher forcing each returned hypothesis."""
+    model, (ids, mask) = random_model(), sources()
+    hyps = beam_search(model, ids, mask, beam_size=4, length_penalty=length_penalty, max_len_b=12, **IDS)
+    for row, tokens in enumerate(hyps.tokens):
+        target = torch.tensor([*tokens, IDS["eos_id"]])
+        decoder_input = torch.tensor([[IDS["bos_id"], *tokens]])
+        with torch.no_grad():
+            logits = model(ids[row : row + 1], mask[row : row + 1], decoder_input_ids=decoder_input).logits[0]
+        log_prob = logits.float().log_softmax(-1).gather(1, target[:, None]).sum()
+        assert_close(hyps.scores[row], log_prob / len(target) ** length_penalty, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sentence_translates_the_same_alone_or_in_a_batch():
+    model, (ids, mask) = random_model(), sources()
+    batched = beam_search(model, ids, mask, beam_size=4, max_len_b=12, **IDS)
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        alone = beam_search(model, ids[row : row + 1, :n], beam_size=4, max_len_b=12, **IDS)
+        assert alone.tokens[0] == batched.tokens[row]
+        assert_close(alone.scores[0], batched.scores[row], atol=1e-5, rtol=1e-5)
+
+
+def test_a_beam_holding_every_prefix_finds_the_most_probable_translation():
+    """Two tokens then EOS (forced by the length limits), a beam as wide as all first-token and second-token
+    prefixes: beam search is then exhaustive and must return the brute-force argmax over all 37 x 37 pairs."""
+    model, (ids, mask) = random_model(), sources(batch=2)
+    usable = torch.arange(3, VOCAB)  # everything but pad, BOS, EOS
+    n = len(usable)
+    exact = dict(length_penalty=0.0, max_len_b=2, min_length=2, **IDS)
+    found = beam_search(model, ids, mask, beam_size=n * n, **exact)
+    greedy = greedy_search(model, ids, mask, **exact)
+    first, second = usable.repeat_interleave(n), usable.repeat(n)  # all n * n pairs
+    decoder_input = torch.stack((torch.full_like(first, IDS["bos_id"]), first, second), dim=1)
+    target = torch.stack((first, second, torch.full_like(first, IDS["eos_id"])), dim=1)
+    for row in range(ids.shape[0]):
+        source = ids[row : row + 1, : int(mask[row].sum())].expand(n * n, -1)
+        with torch.no_grad():
+            logits = model(source, decoder_input_ids=decoder_input).logits
+        totals = logits.float().log_softmax(-1).gather(2, target[..., None]).sum((1, 2))
+        best = int(totals.argmax())
+        assert found.tokens[row] == [int(first[best]), int(second[best])]
+        assert_close(found.scores[row], totals[best], atol=1e-4, rtol=1e-4)
+    assert bool((found.scores >= greedy.scores - 1e-5).all())
+
+
+def test_length_limits():
+    model, (ids, mask) = random_model(), sources()
+    source_len = mask.sum(1) - 1  # without EOS
+    for beam_size in (1, 4):
+        capped = generate(model, ids, mask, beam_size=beam_size, max_len_a=1.0, max_len_b=0, **IDS)
+        assert all(len(t) <= int(n) for t, n in zip(capped.tokens, source_len))
+        exact = generate(model, ids, mask, beam_size=beam_size, max_len_b=5, min_length=5, **IDS)
+        assert all(len(t) == 5 for t in exact.tokens)
+        specials = {IDS["pad_id"], IDS["bos_id"], IDS["eos_id"]}
+        assert not any(specials & set(t) for t in capped.tokens + exact.tokens)
