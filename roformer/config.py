@@ -19,6 +19,7 @@ import yaml
 from roformer.errors import ConfigError
 
 PositionName = Literal["rotary", "sinusoidal", "learned", "none"]
+GLUETaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 
 
 @dataclass
@@ -126,15 +127,25 @@ class MLMDataConfig:
 class GLUEDataConfig:
     """One GLUE task, from a local GLUE directory (original TSV layout) or the hub."""
 
-    task_name: str = "rte"
+    task_name: GLUETaskName = "rte"
     data_dir: str | None = None
-    """A GLUE directory holding <TASK>/train.tsv, dev.tsv, test.tsv; when empty, hub_name is used."""
+    """A GLUE directory holding <Task>/train.tsv, dev.tsv, test.tsv (e.g. ../shared/data/glue), or the task's own
+    folder; when empty, hub_name is used."""
     hub_name: str = "nyu-mll/glue"
     tokenizer: str | None = None
     """A tokenizer directory; by default the one saved with the initial checkpoint."""
     max_seq_length: int = 128
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    layout: Literal["glue", "mnli_sample"] = "glue"
+    """glue: the official TSV files; mnli_sample: label<TAB>premise<TAB>hypothesis files mnli_matched and
+    mnli_mismatched (TextFooler's 1000-row MNLI dev samples, dev only)."""
+    tokenizer_vocab_size: int = 8000
+    """WordPiece size when no tokenizer is given and none comes with init_from (training from scratch)."""
+
+    def __post_init__(self):
+        if self.max_seq_length < 8:
+            raise ConfigError(f"data.max_seq_length must be at least 8, got {self.max_seq_length}")
 
 
 @dataclass
@@ -146,18 +157,41 @@ class TranslationDataConfig:
     train_prefix: str | None = None
     """Path prefix of the training files: <prefix>.<source_lang> and <prefix>.<target_lang>."""
     valid_prefix: str | None = None
+    """Dev set (BLEU during training); when empty with hub_name, the hub's validation split (newstest2013)."""
     test_prefix: str | None = None
+    """Translated and scored at the end; when empty with hub_name, the hub's test split (newstest2014)."""
     hub_name: str | None = None
+    """A hub dataset with a `translation` column (wmt14), used when train_prefix is empty."""
     hub_config: str = "de-en"
     tokenizer: str | None = None
+    """A tokenizer directory; when empty a joint BPE is trained on both sides of the training text."""
     bpe_vocab_size: int = 37000
     max_tokens: int = 4096
-    """Tokens per batch (source + target side, padded), as fairseq counts them."""
+    """Batch size in tokens as fairseq's --max-tokens counts them: sentences x the longest side (source or
+    target, EOS included) of the longest pair, per process and micro-batch."""
     max_source_length: int = 256
+    """Training pairs with a longer side (BPE tokens with EOS) are dropped; dev/test sources are truncated."""
     max_target_length: int = 256
     max_length_ratio: float = 1.5
+    """Training pairs whose BPE lengths differ by more than this ratio are dropped (Moses clean-corpus-n)."""
     max_train_samples: int | None = None
+    """Use only the first N training pairs (quick runs)."""
     max_eval_samples: int | None = None
+    """Use only the first N pairs of the dev and test sets."""
+    beam_size: int = 4
+    """Beam of the final evaluation (the paper: 4); evaluation during training decodes greedily."""
+    length_penalty: float = 0.6
+    """fairseq's lenpen: hypotheses rank by sum of log-probs / length ** length_penalty (the paper: 0.6)."""
+    max_len_a: float = 0.0
+    max_len_b: int = 200
+    """A translation has at most max_len_a * source length + max_len_b tokens (fairseq-generate: 0 and 200)."""
+
+    def __post_init__(self):
+        for name in ("bpe_vocab_size", "max_tokens", "max_source_length", "max_target_length", "beam_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_length_ratio < 1.0:
+            raise ConfigError(f"data.max_length_ratio must be at least 1, got {self.max_length_ratio}")
 
 
 @dataclass
@@ -167,6 +201,8 @@ class TrainConfig:
     seed: int = 42
     max_steps: int = 1000
     """Optimizer steps."""
+    num_epochs: int | None = None
+    """When set, replaces max_steps by this many passes over the training data (GLUE's protocol: 3 epochs)."""
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
@@ -212,6 +248,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"train.num_epochs must be at least 1 (or null), got {self.num_epochs}")
         if self.average_checkpoints > self.keep_last:
             raise ConfigError(f"train.average_checkpoints={self.average_checkpoints} needs train.keep_last >= it")
         if self.learning_rate <= 0:
@@ -290,6 +328,11 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -378,7 +421,22 @@ def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
     data = build_dataclass(DATA_CONFIGS[task], raw.pop("data", {}) or {}, "data", origin)
     cfg = build_dataclass(RunConfig, raw, "", origin)
     cfg.data = data
+    _check_lengths_fit(cfg, origin)
     return cfg
+
+
+def _check_lengths_fit(cfg: RunConfig, origin: str) -> None:
+    """A learned table has max_position_embeddings rows: the data's sequences must fit in it."""
+    if cfg.model.position != "learned":
+        return
+    rows = cfg.model.max_position_embeddings
+    for name in ("max_seq_length", "max_source_length", "max_target_length"):
+        length = getattr(cfg.data, name, None)
+        if length is not None and length > rows:
+            raise ConfigError(
+                f"{origin}: data.{name}={length} is longer than the learned position table "
+                f"(model.max_position_embeddings={rows}); use at most {rows} or a rotary/sinusoidal scheme"
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

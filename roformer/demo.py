@@ -22,9 +22,11 @@ def run_demo(
     run_dirs = []
     for scheme in schemes:
         run_dir = output_dir / scheme
+        shared = [f"data.tokenizer={run_dirs[0] / 'tokenizer'}"] if run_dirs else []  # one vocabulary for all
         cfg = load_config(
             recipe or DEMO_RECIPE,
-            [f"model.position={scheme}", f"output_dir={run_dir}", "train.resume_from=latest", *(overrides or [])],
+            [f"model.position={scheme}", f"output_dir={run_dir}", "train.resume_from=latest", *shared]
+            + (overrides or []),
         )
         print(f"\n== {scheme}: training into {run_dir}")
         train(cfg)

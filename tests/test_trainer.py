@@ -1,0 +1,223 @@
+"""The shared trainer on short real MLM runs over ../shared/data/text: learning, the run directory contract,
+exact resume, SIGTERM, two-process DDP, the NaN guard and bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from roformer import RoFormerForMaskedLM
+from roformer.cli import main
+from roformer.config import load_config
+from roformer.tasks.mlm import MLMTask
+from roformer.tokenization import load_tokenizer
+from roformer.tracking import read_metrics
+from roformer.trainer import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RECIPE = ROOT / "configs" / "pretrain" / "tiny.yaml"
+TINY = [
+    "data.corpus=files",
+    f"data.train_files={DATA / 'text' / 'wikitext2.valid.txt'}",
+    "data.max_documents=60",
+    "data.tokenizer_vocab_size=2000",
+    "data.max_seq_length=64",
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.max_position_embeddings=64",
+    "train.per_device_batch_size=8",
+    "train.log_every=1",
+    "train.eval_every=5",
+    "train.max_eval_batches=4",
+    "train.log_with=none",
+    "train.warmup_steps=2",
+]
+
+
+def tiny(run_dir, *extra):
+    return load_config(RECIPE, [*TINY, f"output_dir={run_dir}", *extra])
+
+
+def train_losses(run_dir):
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """12 uninterrupted steps: the reference the resume test compares with."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    train(tiny(run_dir, "train.max_steps=12", "train.save_every=100"))
+    return run_dir
+
+
+def test_short_run_learns_and_fills_the_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    results = train(tiny(run_dir, "train.max_steps=40", "train.learning_rate=2e-3", "train.save_every=20"))
+    losses = [loss for _, loss in train_losses(run_dir)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    evals = [r["eval/loss"] for r in read_metrics(run_dir) if "eval/loss" in r]
+    assert evals[-1] < evals[0]
+    assert all(isinstance(r["step"], int) for r in read_metrics(run_dir))
+
+    assert load_config(run_dir / "config.yaml").model.vocab_size == 2000  # the resolved config
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_20", "step_40"]
+    saved = json.loads((run_dir / "eval_results.json").read_text())
+    assert saved["step"] == 40 and saved["eval/loss"] == pytest.approx(results["eval/loss"])
+    assert math.exp(saved["eval/loss"]) == pytest.approx(saved["eval/perplexity"])
+
+    model = RoFormerForMaskedLM.from_pretrained(run_dir / "final").eval()
+    tokenizer = load_tokenizer(run_dir / "final")
+    batch = tokenizer(["the tower is [MASK] tall"], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(batch["input_ids"], batch["attention_mask"]).logits
+    assert logits.shape == (1, batch["input_ids"].shape[1], len(tokenizer))
+
+
+def test_resume_reproduces_the_straight_run_exactly(tmp_path, straight_run, monkeypatch):
+    run_dir = tmp_path / "run"
+    same_vocab = f"data.tokenizer={straight_run / 'tokenizer'}"  # tokenizer training itself is not repeatable
+    cfg = tiny(run_dir, "train.max_steps=12", "train.save_every=100", same_vocab)
+    with monkeypatch.context() as patch:  # an interruption after step 7, as SIGTERM would cause
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 7)
+        assert train(cfg) == {"status": "interrupted", "step": 7}
+    assert (run_dir / "checkpoints" / "step_7" / "trainer_state.json").is_file()
+    train(tiny(run_dir, "train.max_steps=12", "train.save_every=100", "train.resume_from=latest", same_vocab))
+
+    assert train_losses(run_dir) == train_losses(straight_run)  # bit-for-bit: data, masks, dropout, optimizer
+    ours, reference = (json.loads((d / "eval_results.json").read_text()) for d in (run_dir, straight_run))
+    assert ours == reference
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, f"output_dir={run_dir}", "train.max_steps=100000", "train.save_every=100000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "roformer.cli", "pretrain", "--config", str(RECIPE), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("train/loss") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "continue with train.resume_from=latest" in out + err
+
+    stopped_at = json.loads(next((run_dir / "checkpoints").glob("step_*/trainer_state.json")).read_text())["step"]
+    assert stopped_at >= 3
+    train(tiny(run_dir, f"train.max_steps={stopped_at + 2}", "train.resume_from=latest"))
+    steps = [s for s, _ in train_losses(run_dir)]
+    assert steps == list(range(1, stopped_at + 3))  # continued where it stopped, nothing logged twice
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """gloo DDP on CPU. Same examples and masks per global batch (masks are seeded per example), so the losses
+    agree up to how they are averaged: each process takes the mean over its own masked tokens and DDP averages
+    the two means, while one process averages over all masked tokens at once. With ~30 masked tokens per
+    process that weighting moves the loss by a few 1e-4 here; 2e-3 leaves room without hiding a data mix-up
+    (a different batch changes the loss by ~1e-2)."""
+    no_dropout = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=6", "train.save_every=100"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(tiny(one, *no_dropout, "train.per_device_batch_size=8"))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29533",
+        "scripts/pretrain.py",
+    ]
+    same_vocab = f"data.tokenizer={one / 'tokenizer'}"
+    args = [*TINY, *no_dropout, f"output_dir={two}", "train.per_device_batch_size=4", same_vocab]
+    done = subprocess.run(
+        [*launcher, "--config", str(RECIPE), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = train_losses(one), train_losses(two)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, x), (_, y) in zip(a, b):
+        assert abs(x - y) < 2e-3
+    tokens = [r["train/tokens"] for r in read_metrics(two) if "train/tokens" in r]
+    assert tokens == [r["train/tokens"] for r in read_metrics(one) if "train/tokens" in r]  # both halves counted
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_loss = MLMTask.loss
+    calls = {"n": 0}
+
+    def loss_turning_nan(self, model, batch):
+        calls["n"] += 1
+        loss = real_loss(self, model, batch)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(MLMTask, "loss", loss_turning_nan)
+    run_dir = tmp_path / "run"
+    code = main(
+        [
+            "pretrain",
+            "--config",
+            str(RECIPE),
+            *TINY,
+            f"output_dir={run_dir}",
+            "train.max_steps=20",
+            "train.save_every=2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "loss became nan at step 5" in err and "step_4" in err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+
+LATIN1 = "café au lait".encode("latin-1")
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_input, expected",
+    [
+        (lambda d: [f"data.train_files={d / 'missing.txt'}"], "missing.txt: file not found"),
+        (lambda d: [f"data.train_files={_write(d / 'empty.txt', b'  ')}"], "empty.txt: file is empty"),
+        (lambda d: [f"data.train_files={_write(d / 'latin1.txt', LATIN1)}"], "latin1.txt: line 1 is not UTF-8"),
+        (lambda d: [f"data.train_files={(d / 'nothing').mkdir() or d / 'nothing'}"], "has no .txt files"),
+        (lambda d: ["model.position=learned", "data.max_seq_length=128"], "data.max_seq_length=128 is longer"),
+        (lambda d: ["train.max_stepz=3"], "unknown key 'train.max_stepz'"),
+        (lambda d: ["model.position=alibi"], "model.position='alibi' is not allowed"),
+    ],
+    ids=["missing", "empty", "not-utf8", "empty-dir", "too-long-for-learned", "unknown-key", "bad-choice"],
+)
+def test_bad_input_exits_2_with_one_line_and_no_run(tmp_path, capsys, make_input, expected):
+    run_dir = tmp_path / "run"
+    code = main(["pretrain", "--config", str(RECIPE), *TINY, f"output_dir={run_dir}", *make_input(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
+    assert not run_dir.exists()
+
+
+def test_existing_run_is_not_overwritten_without_resume(straight_run, capsys):
+    code = main(["pretrain", "--config", str(RECIPE), *TINY, f"output_dir={straight_run}"])
+    assert code == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
