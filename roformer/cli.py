@@ -74,10 +74,58 @@ def convert_command(args) -> int:
     return 0
 
 
-def demo_command(args) -> int:
-    from roformer.demo import run_demo
+def evaluate_bleu_command(args) -> int:
+    import json
 
-    run_demo(args.output_dir, args.config, args.schemes, args.overrides)
+    from roformer.bleu import evaluate_bleu, format_scores
+
+    scores = evaluate_bleu(
+        args.src,
+        args.ref,
+        checkpoint=args.checkpoint,
+        hyp=args.hyp,
+        out=args.out,
+        device=args.device,
+        beam_size=args.beam,
+        length_penalty=args.lenpen,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        batch_size=args.batch_size,
+    )
+    if args.out:
+        print(f"wrote {scores['sentences']} translations to {args.out}")
+    print(format_scores(scores))
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2))
+    return 0
+
+
+def average_checkpoints_command(args) -> int:
+    from roformer.checkpointing import write_averaged_model
+
+    out = write_averaged_model(args.checkpoints, args.out, args.like)
+    print(f"wrote the mean weights of {len(args.checkpoints)} checkpoints to {out}")
+    return 0
+
+
+def demo_command(args) -> int:
+    from roformer.demo import compare_schemes
+
+    compare_schemes(args.output_dir, args.config, args.schemes, args.seeds, args.overrides)
+    return 0
+
+
+def train_tokenizer_command(args) -> int:
+    from roformer.demo import train_shared_tokenizer
+
+    print(f"wrote {train_shared_tokenizer(args.config, args.out, args.overrides)}")
+    return 0
+
+
+def glue_sweep_command(args) -> int:
+    from roformer.glue_sweep import run_glue_sweep
+
+    run_glue_sweep(args.tasks, args.learning_rates, args.seeds, args.output_root, args.config_dir, args.overrides)
     return 0
 
 
@@ -95,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. model.position=sinusoidal")
         p.set_defaults(func=_training_command(task))
 
+    p = sub.add_parser("glue-sweep", help="the paper's GLUE protocol: learning rates x seeds, then its Table 2")
+    p.add_argument("--tasks", nargs="+", default=["mrpc", "sst2", "qnli", "stsb", "qqp", "mnli"])
+    p.add_argument("--learning_rates", nargs="+", type=float, default=[2e-5, 3e-5, 4e-5, 5e-5])
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    p.add_argument("--config_dir", default="configs/glue", help="holds one recipe <task>.yaml per task")
+    p.add_argument("--output_root", default="runs/glue_sweep", help="runs go to <root>/<task>/lr<lr>_seed<seed>")
+    p.add_argument("overrides", nargs="*", help="dotted key=value pairs applied to every run")
+    p.set_defaults(func=glue_sweep_command)
+
     p = sub.add_parser("compare", help="table and plot of run directories")
     p.add_argument("runs", nargs="+", help="run directories (output_dir of each run)")
     p.add_argument("--out", help="where to write the plot (PNG)")
@@ -105,12 +162,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest")
     p.set_defaults(func=convert_command)
 
-    p = sub.add_parser("demo", help="pretrain rotary, sinusoidal and learned on the built-in corpus and compare")
+    p = sub.add_parser("evaluate-bleu", help="translate a file with a trained model and report BLEU")
+    p.add_argument("--checkpoint", help="a translation run's final/ directory (model and tokenizer)")
+    p.add_argument("--src", required=True, help="source sentences, one per line (raw text)")
+    p.add_argument("--ref", required=True, help="reference translations, line-aligned with --src (raw text)")
+    p.add_argument("--hyp", help="score these translations instead of translating with --checkpoint")
+    p.add_argument("--out", help="write the translations here, one per line")
+    p.add_argument("--json", help="write the scores and sacreBLEU signatures here as JSON")
+    p.add_argument("--beam", type=int, default=4, help="beam size (the paper: 4; 1 is greedy)")
+    p.add_argument("--lenpen", type=float, default=0.6, help="length penalty, fairseq's convention (the paper: 0.6)")
+    p.add_argument("--max_len_a", type=float, default=0.0, help="at most a * source length + b tokens (fairseq: 0)")
+    p.add_argument("--max_len_b", type=int, default=200, help="(fairseq: 200)")
+    p.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.set_defaults(func=evaluate_bleu_command)
+
+    p = sub.add_parser("average-checkpoints", help="average the weights of checkpoints into a model directory")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint directories, e.g. RUN/checkpoints/step_*")
+    p.add_argument("--out", required=True, help="where to write the averaged model (loadable like RUN/final)")
+    p.add_argument("--like", help="model directory giving config and tokenizer (default: RUN/final)")
+    p.set_defaults(func=average_checkpoints_command)
+
+    p = sub.add_parser("demo", help="pretrain one model per position scheme (and seed) and compare them")
     p.add_argument("--output_dir", default="runs/demo")
-    p.add_argument("--config", default=None, help="recipe (default: configs/pretrain/demo.yaml)")
+    p.add_argument("--config", default=None, help="MLM recipe (default: configs/pretrain/demo.yaml, built-in corpus)")
     p.add_argument("--schemes", nargs="+", default=["rotary", "sinusoidal", "learned"])
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per scheme and seed")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=demo_command)
+
+    p = sub.add_parser("train-tokenizer", help="train an MLM recipe's WordPiece tokenizer once, to share it")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=train_tokenizer_command)
     return parser
 
 

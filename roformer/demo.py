@@ -1,4 +1,7 @@
-"""`make demo`: a short real pretraining comparison of position schemes on the built-in corpus."""
+"""Position-scheme comparisons: one model per scheme (and seed) with the same data, vocabulary and budget.
+
+`make demo` runs `compare_schemes` on the built-in corpus; docs/results.md runs it on ../shared/data/text.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +14,54 @@ from roformer.trainer import train
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
 
 
-def run_demo(
-    output_dir: str,
-    recipe: str | None = None,
+def train_shared_tokenizer(recipe: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """Train the recipe's WordPiece tokenizer once and save it, so compared runs share one vocabulary
+    (`tokenizers` training is not repeatable bit for bit)."""
+    from roformer.tasks.mlm import load_corpus
+    from roformer.tokenization import train_wordpiece
+
+    cfg = load_config(recipe, overrides)
+    train_docs, _ = load_corpus(cfg.data, cfg.train.seed)
+    tokenizer = train_wordpiece(train_docs, cfg.data.tokenizer_vocab_size, cfg.data.max_seq_length)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
+def run_name(scheme: str, seed: int | None) -> str:
+    return scheme if seed is None else f"{scheme}_seed{seed}"
+
+
+def compare_schemes(
+    output_dir: str | Path,
+    recipe: str | Path | None = None,
     schemes=("rotary", "sinusoidal", "learned"),
+    seeds: list[int] | None = None,
     overrides: list[str] | None = None,
 ) -> str:
-    """Train one model per scheme with the same data, seed and budget; print and return the comparison."""
-    output_dir = Path(output_dir)
+    """Train every scheme (x seed) into output_dir/<scheme>[_seed<s>], then print and return the comparison.
+
+    Runs already finished are kept (resume_from=latest), so an interrupted comparison picks up where it was.
+    """
+    output_dir, recipe, overrides = Path(output_dir), recipe or DEMO_RECIPE, list(overrides or [])
+    if not any(o.startswith("data.tokenizer=") for o in overrides):
+        vocab = output_dir / "tokenizer"
+        if not (vocab / "tokenizer.json").is_file():
+            print(f"training the shared tokenizer into {vocab}")
+            train_shared_tokenizer(recipe, vocab, overrides)
+        overrides.append(f"data.tokenizer={vocab}")
     run_dirs = []
-    for scheme in schemes:
-        run_dir = output_dir / scheme
-        shared = [f"data.tokenizer={run_dirs[0] / 'tokenizer'}"] if run_dirs else []  # one vocabulary for all
-        cfg = load_config(
-            recipe or DEMO_RECIPE,
-            [f"model.position={scheme}", f"output_dir={run_dir}", "train.resume_from=latest", *shared]
-            + (overrides or []),
-        )
-        print(f"\n== {scheme}: training into {run_dir}")
-        train(cfg)
-        run_dirs.append(run_dir)
+    for seed in seeds or [None]:
+        for scheme in schemes:
+            run_dir = output_dir / run_name(scheme, seed)
+            extra = [f"model.position={scheme}", f"output_dir={run_dir}", "train.resume_from=latest"]
+            extra += [f"train.seed={seed}"] if seed is not None else []
+            cfg = load_config(recipe, extra + overrides)
+            if (run_dir / "eval_results.json").is_file():
+                print(f"\n== {run_dir.name}: already trained")
+            else:
+                print(f"\n== {run_dir.name}: training into {run_dir}")
+                train(cfg)
+            run_dirs.append(run_dir)
     table = compare_runs(run_dirs, output_dir / "compare.png")
     print("\n" + table + f"\n\nplot: {output_dir / 'compare.png'}")
     return table
