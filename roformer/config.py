@@ -300,6 +300,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str) -> Any:
     if tp is Any:
         return value
     if kind is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            value = "no"  # YAML 1.1 reads a bare `no` (e.g. train.mixed_precision=no) as false
         if value not in typing.get_args(tp):
             raise bad
         return value
