@@ -93,3 +93,44 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
         for key, value in weights.items():
             total[key] = total.get(key, 0) + value.float()
     return {key: value / len(paths) for key, value in total.items()}
+
+
+def write_averaged_model(checkpoints: list[str | Path], out: str | Path, like: str | Path | None = None) -> Path:
+    """Average the model weights of `checkpoints` into `out`, a directory `from_pretrained` loads.
+
+    `like` is a model directory of the same run (RUN/final or RUN/best) giving the architecture, config and the
+    files beside the weights (the tokenizer); by default RUN/final of the first checkpoint (RUN/checkpoints/step_N).
+    """
+    from roformer.errors import UserError
+    from roformer.modeling import load_pretrained
+
+    if not checkpoints:
+        raise UserError("give at least one checkpoint directory (RUN/checkpoints/step_N)")
+    paths = [Path(p) for p in checkpoints]
+    for path in paths:
+        if not path.is_dir():
+            raise UserError(f"{path}: not a checkpoint directory")
+        try:
+            model_weights_file(path)
+        except FileNotFoundError as err:
+            raise UserError(str(err)) from None
+    like = Path(like) if like else paths[0].resolve().parent.parent / "final"
+    if not (like / "config.json").is_file():
+        raise UserError(f"{like}: no config.json here; name a model directory of the same run with --like")
+    model = load_pretrained(like)
+    averaged = average_checkpoints(paths)
+    missing, unexpected = model.load_state_dict(averaged, strict=False)
+    # accelerate saves tied weights (embeddings = output projection) once: a key is only missing if no alias was saved
+    state = model.state_dict()
+    saved = {state[k].data_ptr() for k in averaged if k in state}
+    missing = [k for k in missing if state[k].data_ptr() not in saved]
+    if unexpected or missing:
+        raise UserError(
+            f"{paths[0]}: weights do not fit the model in {like} (missing {missing}, unexpected {unexpected})"
+        )
+    out = Path(out)
+    model.save_pretrained(out)
+    for file in like.iterdir():  # tokenizer and anything else saved beside the weights
+        if file.is_file() and file.name not in ("model.safetensors", "config.json"):
+            shutil.copy(file, out / file.name)
+    return out
