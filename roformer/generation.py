@@ -162,9 +162,8 @@ def beam_search(
     ids = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
     attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b)
     batch, k, device = input_ids.shape[0], beam_size, input_ids.device
-    rows = torch.arange(batch, device=device).repeat_interleave(k)
-    decoder = _Decoder(model, memory.index_select(0, rows), attention_mask.index_select(0, rows), use_cache)
-    tokens = input_ids.new_full((batch * k, 1), bos_id)  # (n * K, t)
+    decoder = _Decoder(model, memory, attention_mask, use_cache)
+    tokens = input_ids.new_full((batch, 1), bos_id)  # (n * K, t) from step 1 on
     scores = torch.full((batch, k), NEG_INF, device=device)  # (n, K) sum of log-probs
     scores[:, 0] = 0.0  # all K beams start identical: expand only the first at step 0
     alive = torch.arange(batch, device=device)
@@ -172,7 +171,14 @@ def beam_search(
     offsets = torch.arange(2 * k, device=device)
     for step in range(int(max_len.max()) + 1):
         n = alive.numel()
-        lprobs = _constrain(decoder.log_probs(tokens).view(n, k, -1), step, max_len[alive], min_length, ids)
+        lprobs = decoder.log_probs(tokens)
+        if step == 0:
+            # every beam starts from BOS: decode it once per sentence (the source's cross-attention keys/values
+            # too), then give each of the K beams its copy of the state
+            rows = torch.arange(batch, device=device).repeat_interleave(k)
+            lprobs, tokens = lprobs[rows], tokens[rows]
+            decoder.keep(rows)
+        lprobs = _constrain(lprobs.view(n, k, -1), step, max_len[alive], min_length, ids)
         vocab = lprobs.shape[-1]
         cand_scores, cand = (scores[:, :, None] + lprobs).view(n, -1).topk(2 * k, dim=1)  # (n, 2K)
         cand_beams, cand_tokens = cand // vocab, cand % vocab
