@@ -115,6 +115,16 @@ def demo_command(args) -> int:
     return 0
 
 
+def extrapolate_command(args) -> int:
+    from roformer.extrapolation import evaluate_lengths, format_rows, plot_rows
+
+    rows = evaluate_lengths(args.runs, args.factors, args.scalings, args.max_tokens)
+    print(format_rows(rows))
+    if args.out:
+        print(f"plot: {plot_rows(rows, args.out)}")
+    return 0
+
+
 def train_tokenizer_command(args) -> int:
     from roformer.demo import train_shared_tokenizer
 
@@ -190,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per scheme and seed")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=demo_command)
+
+    p = sub.add_parser("extrapolate", help="MLM loss of pretrained runs at 1x, 2x, 4x, 8x their training length")
+    p.add_argument("runs", nargs="+", help="pretraining run directories")
+    p.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--scalings", nargs="+", default=["none", "linear", "ntk", "dynamic_ntk", "yarn"],
+                   help="RoPE scalings to try on rotary runs")
+    p.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per length")
+    p.add_argument("--out", help="where to write the plot (PNG)")
+    p.set_defaults(func=extrapolate_command)
 
     p = sub.add_parser("train-tokenizer", help="train an MLM recipe's WordPiece tokenizer once, to share it")
     p.add_argument("--config", required=True)

@@ -1,0 +1,132 @@
+"""Length extrapolation: masked-LM loss of pretrained runs at 1x, 2x, 4x, 8x their training length.
+
+Each run is evaluated on its own held-out documents, packed into blocks of k times the training length, with
+the same number of tokens at every length and masks drawn once. Rotary runs are also evaluated under each RoPE
+scaling (the same weights, `rope_scaling` set to k). A learned table cannot index past its rows: those cells
+are reported as such rather than crashing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from roformer.config import load_config
+from roformer.errors import DataError
+from roformer.modeling import RoFormerForMaskedLM
+from roformer.tasks.mlm import EVAL_SALT, BlockCollator, SeededMasker, load_corpus, pack_documents
+from roformer.tokenization import load_tokenizer
+
+SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn")
+
+
+def _eval_batches(run_dir: Path, tokenizer, block_size: int, max_tokens: int, batch_tokens: int, seed: int):
+    cfg = load_config(run_dir / "config.yaml")
+    _, documents = load_corpus(cfg.data, cfg.train.seed)
+    ids = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+    blocks = pack_documents(ids, block_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    blocks = [b for b in blocks if len(b) == block_size][: max(1, max_tokens // block_size)]  # full blocks only
+    if not blocks:
+        raise DataError(f"{run_dir}: no held-out document run fills a block of {block_size} tokens")
+    collate = BlockCollator(tokenizer.pad_token_id, tokenizer.all_special_ids)
+    masker = SeededMasker(tokenizer, cfg.data.mlm_probability, seed)
+    per_batch = max(1, batch_tokens // block_size)
+    examples = [{"input_ids": b, "example_index": i} for i, b in enumerate(blocks)]
+    for start in range(0, len(examples), per_batch):
+        yield masker(collate(examples[start : start + per_batch]), salt=EVAL_SALT)
+
+
+@torch.no_grad()
+def mlm_loss(model: RoFormerForMaskedLM, batches) -> tuple[float, float]:
+    """Token-weighted MLM loss and accuracy over the masked positions of `batches`."""
+    loss_sum = correct = count = 0.0
+    for batch in batches:
+        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        target = batch["labels"][batch["labels"] != -100]
+        loss_sum += out.loss.item() * target.numel()
+        correct += (out.logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    return loss_sum / count, correct / count
+
+
+def evaluate_lengths(run_dirs, factors=(1, 2, 4, 8), scalings=SCALINGS, max_tokens: int = 16384,
+                     batch_tokens: int = 4096, seed: int = 0) -> list[dict]:
+    """One row per run x factor x scaling: {run, scheme, scaling, factor, length, loss, accuracy, note}."""
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        base = RoFormerForMaskedLM.from_pretrained(run_dir / "final").eval()
+        tokenizer = load_tokenizer(run_dir / "final")
+        train_length = load_config(run_dir / "config.yaml").data.max_seq_length
+        scheme = base.config.position
+        for factor in factors:
+            length = train_length * factor
+            batches = list(_eval_batches(run_dir, tokenizer, length, max_tokens, batch_tokens, seed))
+            for scaling in scalings if scheme == "rotary" else ("none",):
+                if scaling != "none" and factor == 1:
+                    continue  # every scaling is the identity at the training length
+                row = {"run": run_dir.name, "scheme": scheme, "scaling": scaling, "factor": factor, "length": length}
+                if scheme == "learned" and length > base.config.max_position_embeddings:
+                    rows.append({**row, "loss": None, "accuracy": None,
+                                 "note": f"beyond the learned table ({base.config.max_position_embeddings} rows)"})
+                    continue
+                model = _with_scaling(base, scaling, factor)
+                loss, accuracy = mlm_loss(model, batches)
+                rows.append({**row, "loss": loss, "accuracy": accuracy, "note": ""})
+    return rows
+
+
+def _with_scaling(base: RoFormerForMaskedLM, scaling: str, factor: int) -> RoFormerForMaskedLM:
+    if scaling == "none":
+        return base
+    cfg = dataclasses.replace(base.config, rope_scaling=scaling, rope_scaling_factor=float(factor))
+    model = RoFormerForMaskedLM(cfg).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Markdown: one line per run and scaling, one column per length (loss / accuracy)."""
+    lengths = sorted({r["length"] for r in rows})
+    keys = list(dict.fromkeys((r["run"], r["scheme"], r["scaling"]) for r in rows))
+    lines = ["| run | scheme | scaling | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+             "|---|---|---|" + "---|" * len(lengths)]
+    for run, scheme, scaling in keys:
+        cells = []
+        for n in lengths:
+            found = [r for r in rows if (r["run"], r["scaling"], r["length"]) == (run, scaling, n)]
+            if not found and scaling != "none":  # at 1x every scaling equals no scaling
+                found = [r for r in rows if (r["run"], r["scaling"], r["length"]) == (run, "none", n)]
+            r = found[0] if found else None
+            cells.append("-" if r is None else ("n/a: " + r["note"] if r["loss"] is None
+                                                 else f"{r['loss']:.3f} / {r['accuracy']:.3f}"))
+        lines.append(f"| {run} | {scheme} | {scaling} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = list(dict.fromkeys((r["run"], r["scaling"]) for r in rows))
+    for run, scaling in keys:
+        points = sorted((r["length"], r["loss"]) for r in rows
+                        if r["run"] == run and r["loss"] is not None
+                        and (r["scaling"] == scaling or (r["factor"] == 1 and r["scaling"] == "none")))
+        if points:
+            label = run if scaling == "none" else f"{run} + {scaling}"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="MLM loss", title="Length extrapolation")
+    ax.set_xticks(sorted({r["length"] for r in rows}), [str(n) for n in sorted({r["length"] for r in rows})])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

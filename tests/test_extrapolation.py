@@ -1,0 +1,94 @@
+"""Length extrapolation on two tiny real runs (rotary and learned), trained for a few steps."""
+
+from pathlib import Path
+
+import pytest
+
+from roformer.cli import main
+from roformer.config import load_config
+from roformer.extrapolation import evaluate_lengths, format_rows
+from roformer.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+TINY = [
+    "data.corpus=files",
+    f"data.train_files={DATA / 'text' / 'tiny_shakespeare.txt'}",
+    "data.max_documents=1500",
+    "data.tokenizer_vocab_size=1000",
+    "data.max_seq_length=32",
+    "model.max_position_embeddings=32",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "train.max_steps=3",
+    "train.per_device_batch_size=8",
+    "train.log_with=none",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("extrapolation")
+    for scheme in ("rotary", "learned"):
+        train(
+            load_config(
+                ROOT / "configs/pretrain/tiny.yaml", [*TINY, f"model.position={scheme}", f"output_dir={root / scheme}"]
+            )
+        )
+    return [root / "rotary", root / "learned"]
+
+
+def test_rows_cover_every_length_and_scaling_and_learned_stops_at_its_table(runs):
+    rows = evaluate_lengths(runs, factors=(1, 2), scalings=("none", "linear", "yarn"), max_tokens=1024)
+    rotary = [r for r in rows if r["scheme"] == "rotary"]
+    assert {(r["factor"], r["scaling"]) for r in rotary} == {(1, "none"), (2, "none"), (2, "linear"), (2, "yarn")}
+    assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in rotary)
+    learned = {r["factor"]: r for r in rows if r["scheme"] == "learned"}
+    assert learned[1]["loss"] > 0
+    assert learned[2]["loss"] is None and "beyond the learned table (32 rows)" in learned[2]["note"]
+    table = format_rows(rows)
+    assert "64 tokens" in table and "n/a: beyond the learned table" in table
+
+
+def test_scaled_copy_keeps_the_weights_and_changes_the_rotation(runs):
+    import torch
+
+    from roformer.extrapolation import _with_scaling
+    from roformer.modeling import RoFormerForMaskedLM
+
+    base = RoFormerForMaskedLM.from_pretrained(runs[0] / "final")
+    scaled = _with_scaling(base, "linear", 2)
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), scaled.state_dict().values()))
+    positions = torch.arange(64)
+    rope, scaled_rope = (
+        base.roformer.embeddings.positions.rope(positions),
+        scaled.roformer.embeddings.positions.rope(positions),
+    )
+    torch.testing.assert_close(scaled_rope.cos[2 * 7], rope.cos[7])  # position interpolation: 14 -> 7
+
+
+def test_extrapolate_command_prints_the_table_and_writes_the_plot(runs, tmp_path, capsys):
+    out = tmp_path / "extrapolation.png"
+    assert (
+        main(
+            [
+                "extrapolate",
+                *map(str, runs),
+                "--factors",
+                "1",
+                "2",
+                "--scalings",
+                "none",
+                "ntk",
+                "--max_tokens",
+                "512",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "| rotary | rotary | ntk |" in capsys.readouterr().out
+    assert out.stat().st_size > 10_000
