@@ -1,4 +1,6 @@
-"""Shared test helpers: a tiny model config factory and a fixed seed per test."""
+"""Shared test helpers: a tiny model config factory, a fixed seed per test, two tiny pretrained runs."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +30,37 @@ def tiny_config():
         return ModelConfig(**{**TINY, **overrides})
 
     return make
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained_runs(tmp_path_factory):
+    """Two real pretraining runs (rotary, learned) of a few steps on Shakespeare, length 32: [rotary, learned]."""
+    from roformer.config import load_config
+    from roformer.trainer import train
+
+    root = tmp_path_factory.mktemp("pretrained")
+    overrides = [
+        "data.corpus=files",
+        f"data.train_files={SHARED_DATA / 'text' / 'tiny_shakespeare.txt'}",
+        "data.max_documents=1500",
+        "data.tokenizer_vocab_size=1000",
+        "data.max_seq_length=32",
+        "model.max_position_embeddings=32",
+        "model.hidden_size=32",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.intermediate_size=64",
+        "train.max_steps=3",
+        "train.eval_every=2",
+        "train.per_device_batch_size=8",
+        "train.log_every=1",
+        "train.log_with=none",
+    ]
+    for scheme in ("rotary", "learned"):
+        recipe = ROOT / "configs" / "pretrain" / "tiny.yaml"
+        train(load_config(recipe, [*overrides, f"model.position={scheme}", f"output_dir={root / scheme}"]))
+    return [root / "rotary", root / "learned"]

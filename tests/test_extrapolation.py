@@ -1,43 +1,14 @@
 """Length extrapolation on two tiny real runs (rotary and learned), trained for a few steps."""
 
-from pathlib import Path
-
 import pytest
 
 from roformer.cli import main
-from roformer.config import load_config
 from roformer.extrapolation import evaluate_lengths, format_rows
-from roformer.trainer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-TINY = [
-    "data.corpus=files",
-    f"data.train_files={DATA / 'text' / 'tiny_shakespeare.txt'}",
-    "data.max_documents=1500",
-    "data.tokenizer_vocab_size=1000",
-    "data.max_seq_length=32",
-    "model.max_position_embeddings=32",
-    "model.hidden_size=32",
-    "model.num_layers=1",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "train.max_steps=3",
-    "train.per_device_batch_size=8",
-    "train.log_with=none",
-]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("extrapolation")
-    for scheme in ("rotary", "learned"):
-        train(
-            load_config(
-                ROOT / "configs/pretrain/tiny.yaml", [*TINY, f"model.position={scheme}", f"output_dir={root / scheme}"]
-            )
-        )
-    return [root / "rotary", root / "learned"]
+def runs(tiny_pretrained_runs):
+    return tiny_pretrained_runs
 
 
 def test_rows_cover_every_length_and_scaling_and_learned_stops_at_its_table(runs):
