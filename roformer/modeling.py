@@ -391,12 +391,6 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
         self.decoder = TransformerStack(cfg, cfg.num_decoder_layers, cross_attention=True)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.init_weights()
-        if cfg.scale_embeddings:
-            # Vaswani et al. / fairseq / tensor2tensor draw embeddings from N(0, d^-1/2) and multiply them by sqrt(d):
-            # unit-scale inputs, and tied output logits of unit scale. With BERT's std 0.02 the scaled token
-            # embeddings would start 22x weaker than the sinusoidal table at d=512.
-            nn.init.normal_(self.embeddings.word_embeddings.weight, std=cfg.embedding_dim**-0.5)
-            self.embeddings.word_embeddings.weight.data[cfg.pad_token_id].zero_()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embeddings.word_embeddings.weight
 
