@@ -6,9 +6,11 @@ from torch.testing import assert_close
 
 from roformer import ModelConfig, RoFormerForSeq2SeqLM
 from roformer.generation import beam_search, generate, greedy_search
+from roformer.modeling import ModelOutput
 
 IDS = dict(bos_id=1, eos_id=2, pad_id=0)
 VOCAB = 40
+SEED = 0
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +22,37 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def random_model(position: str = "rotary") -> RoFormerForSeq2SeqLM:
-    """Weights of std 1 and an untied output layer: unlike the small init, the translations vary in tokens and
-    length from sentence to sentence, so finished sentences leave the batch at different steps."""
-    torch.manual_seed(0)
+class EndsAtVaryingLengths(torch.nn.Module):
+    """A model wrapper adding to the EOS logit a bonus that grows with the decoder position, at a rate read from
+    the source's encoding. Random weights alone end every sentence at once or never; with this, sentences finish
+    at different steps, which exercises dropping finished sentences from the batch (and their caches)."""
+
+    def __init__(self, model: RoFormerForSeq2SeqLM):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def encode(self, input_ids, attention_mask=None):
+        return self.model.encode(input_ids, attention_mask)
+
+    def new_caches(self):
+        return self.model.new_caches()
+
+    def decode(self, decoder_input_ids, memory, attention_mask=None, caches=None):
+        past = caches[0].self_attn.length if caches else 0  # read before decoding appends to the cache
+        logits = self.model.decode(decoder_input_ids, memory, attention_mask, caches)
+        positions = torch.arange(past, past + decoder_input_ids.shape[1], dtype=logits.dtype)  # (T,)
+        rate = 6.0 * torch.sigmoid(memory[:, 0, :1])  # (B, 1): each sentence ends at its own pace
+        logits[..., IDS["eos_id"]] += rate * (positions + 1) - 12.0
+        return logits
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+        memory = self.encode(input_ids, attention_mask)
+        return ModelOutput(logits=self.decode(decoder_input_ids, memory, attention_mask))
+
+
+def random_model(position: str = "rotary") -> EndsAtVaryingLengths:
+    """Weights of std 1 and an untied output layer (translations that vary with the source, unlike the small
+    init), wrapped so that they end at varying lengths."""
     cfg = ModelConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -38,11 +67,12 @@ def random_model(position: str = "rotary") -> RoFormerForSeq2SeqLM:
         tie_word_embeddings=False,
     )
     model = RoFormerForSeq2SeqLM(cfg).eval()
+    torch.manual_seed(SEED)  # here, so the weights do not depend on how many draws the constructor makes
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 1.0)
-    return model
+    return EndsAtVaryingLengths(model).eval()
 
 
 def sources(batch: int = 8, longest: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +90,8 @@ def test_the_test_model_is_not_degenerate():
     """Guards the tests below: their model must give translations of several lengths and more than one token."""
     ids, mask = sources()
     hyps = greedy_search(random_model(), ids, mask, max_len_b=12, **IDS)
-    assert len({len(t) for t in hyps.tokens}) >= 3
+    lengths = [len(t) for t in hyps.tokens]
+    assert len(set(lengths)) >= 4 and sum(n < 12 for n in lengths) >= 4  # several end before the limit, apart
     assert max(len(set(t)) for t in hyps.tokens) >= 3
 
 
@@ -82,7 +113,7 @@ def test_cached_decoding_matches_recomputing_the_prefix(position, beam_size):
     cached = generate(model, ids, mask, beam_size=beam_size, max_len_b=12, **IDS)
     recomputed = generate(model, ids, mask, beam_size=beam_size, max_len_b=12, use_cache=False, **IDS)
     assert cached.tokens == recomputed.tokens
-    assert_close(cached.scores, recomputed.scores, atol=1e-5, rtol=1e-5)
+    assert_close(cached.scores, recomputed.scores, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("length_penalty", [0.6, 1.0])
@@ -107,7 +138,7 @@ def test_a_sentence_translates_the_same_alone_or_in_a_batch():
         n = int(mask[row].sum())
         alone = beam_search(model, ids[row : row + 1, :n], beam_size=4, max_len_b=12, **IDS)
         assert alone.tokens[0] == batched.tokens[row]
-        assert_close(alone.scores[0], batched.scores[row], atol=1e-5, rtol=1e-5)
+        assert_close(alone.scores[0], batched.scores[row], atol=1e-4, rtol=1e-4)
 
 
 def test_a_beam_holding_every_prefix_finds_the_most_probable_translation():
