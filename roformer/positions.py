@@ -109,6 +109,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: s
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d) broadcasts over heads
     x32 = x.float()
+    if pairing == "interleaved":
+        # Adjacent pairs are complex numbers x[2i] + i x[2i+1], and the rotation is a product with e^{i m theta_i}:
+        # one kernel forward and one backward instead of five (a tenth of a training step on CPU otherwise).
+        if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
+            x32 = x32.clone(memory_format=torch.contiguous_format)  # a complex view needs whole pairs in memory
+        rotation = torch.complex(cos[..., 0::2], sin[..., 0::2])  # (T, d/2) or (B, 1, T, d/2)
+        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
     return (x32 * cos + rotate_pairs(x32, pairing) * sin).to(x.dtype)
 
 
