@@ -11,9 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from roformer.config import ModelConfig
 from roformer.positions import NO_ROPE, Rope, _NoRope
+
+QUERY_CHUNK = 512
+"""Queries per chunk of `chunked_attention`, used when training on CPU with attention dropout past this length."""
 
 
 @dataclass
@@ -52,6 +56,25 @@ def eager_attention(
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
     return F.dropout(weights, p=dropout_p) @ v, weights
+
+
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, chunk_size: int
+) -> torch.Tensor:
+    """SDPA over chunks of queries, each recomputed in backward instead of storing its weights. Shapes as SDPA.
+
+    torch has no fused CPU kernel that applies attention dropout, and its fallback keeps every layer's
+    (B, nh, T_q, T_k) weights and dropout mask for backward: 1.2 GB per layer at 8 heads x 4096 tokens. Here one
+    chunk's (chunk_size, T_k) weights exist at a time, for the price of computing attention twice. The checkpoint
+    replays the RNG state, so backward sees the dropout mask that forward drew.
+    """
+    outputs = []
+    for start in range(0, q.shape[-2], chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
+        sdpa = F.scaled_dot_product_attention
+        outputs.append(checkpoint(sdpa, q[..., rows, :], k, v, chunk_mask, dropout_p, use_reentrant=False))
+    return torch.cat(outputs, dim=-2)
 
 
 class MultiHeadAttention(nn.Module):
@@ -104,4 +127,6 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.impl == "eager" or need_weights:
             return eager_attention(q, k, v, mask, dropout_p)
+        if dropout_p > 0 and q.device.type == "cpu" and q.shape[-2] > QUERY_CHUNK and torch.is_grad_enabled():
+            return chunked_attention(q, k, v, mask, dropout_p, QUERY_CHUNK), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
