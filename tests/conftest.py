@@ -32,6 +32,15 @@ def tiny_config():
     return make
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tiny models: two gain nothing, and on a busy machine they wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

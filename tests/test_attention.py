@@ -5,9 +5,12 @@ import torch
 from torch.testing import assert_close
 
 import roformer
-from roformer.attention import KVCache, MultiHeadAttention, eager_attention
+import roformer.attention
+from roformer.attention import KVCache, MultiHeadAttention, chunked_attention, eager_attention
 from roformer.modeling import causal_mask, combine_masks, padding_mask
 from roformer.positions import NO_ROPE, Rope, rope_cos_sin, rope_inv_freq
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 B, T = 3, 9
 
@@ -109,6 +112,53 @@ def test_eager_attention_is_softmax_of_scaled_scores():
     expected = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, dim=-1)
     assert_close(weights, expected)
     assert_close(out, expected @ v)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_chunked_attention_equals_sdpa(mask_name):
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
+    mask = MASKS[mask_name]()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    actual = chunked_attention(q, k, v, mask, 0.0, chunk_size=4)  # 4 does not divide T = 9
+    assert_close(actual, expected)
+    grad = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad(actual, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        assert_close(a, e)
+
+
+def test_chunked_attention_backward_replays_the_dropout_mask():
+    """Recomputed in backward, each chunk must draw the dropout mask it drew in forward."""
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
+    mask = MASKS["padding"]()
+    torch.manual_seed(5)
+    actual = chunked_attention(q, k, v, mask, 0.5, chunk_size=4)
+    grads = torch.autograd.grad(actual, (q, k, v), torch.ones_like(actual))
+    torch.manual_seed(5)  # the same chunks without recomputation
+    expected = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(q[..., s : s + 4, :], k, v, attn_mask=mask, dropout_p=0.5)
+            for s in range(0, T, 4)
+        ],
+        dim=-2,
+    )
+    assert_close(actual, expected)
+    for a, e in zip(grads, torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))):
+        assert_close(a, e)
+
+
+def test_long_cpu_training_with_dropout_attends_in_chunks(tiny_config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(roformer.attention, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(roformer.attention, "chunked_attention", lambda *a: calls.append(a) or chunked_attention(*a))
+    model = roformer.RoFormerForMaskedLM(tiny_config(attention_dropout=0.1))
+    ids = torch.randint(1, 97, (B, T))
+    model(ids, _padding()).logits.sum().backward()
+    assert len(calls) == 2 and calls[0][-1] == 4  # every layer, in chunks of 4
+    model.eval()
+    model(ids)  # no dropout: the fused kernel
+    with torch.no_grad():
+        model.train()(ids)  # no backward to come: nothing to save
+    assert len(calls) == 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from torch.testing import assert_close
 import roformer
 from roformer.errors import InteropError
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 ATOL = RTOL = 1e-5
 
 COMMON = dict(
@@ -19,6 +21,7 @@ COMMON = dict(
     hidden_dropout_prob=0.2,  # eval mode must switch these off on both sides
     attention_probs_dropout_prob=0.2,
 )
+
 HF_CONFIGS = {
     # embedding_size != hidden_size: embeddings projected up; MLM head projects back down to 24
     "roformer-embproj": lambda: transformers.RoFormerConfig(

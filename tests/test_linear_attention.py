@@ -15,6 +15,8 @@ from roformer.linear_attention import (
 from roformer.modeling import causal_mask, padding_mask
 from roformer.positions import NO_ROPE, Rope, RotaryPositions, rope_cos_sin, rope_inv_freq
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 B, H, T, D = 2, 3, 13, 8
 
 

@@ -7,6 +7,8 @@ from torch.testing import assert_close
 
 import roformer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 V, B, T = 97, 3, 10
 
 VARIANTS = {name: dict(position=name) for name in roformer.POSITION_SCHEMES} | {

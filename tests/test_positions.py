@@ -18,6 +18,8 @@ from roformer.positions import (
     sinusoidal_table,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 PAIRINGS = ["interleaved", "half"]
 
 
@@ -73,6 +75,35 @@ def test_position_zero_is_identity():
     x = torch.randn(2, 3, 1, 16)
     for pairing in PAIRINGS:
         assert_close(_rotated(x, torch.tensor([0]), pairing), x)
+
+
+def _paper_form(x, cos, sin, pairing):
+    """x * cos + rotate(x) * sin, elementwise (paper eq. 34), as the reference for apply_rope's fast paths."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x.float() * cos + rotate_pairs(x.float(), pairing) * sin).to(x.dtype)
+
+
+LAYOUTS = {
+    "contiguous": lambda: torch.randn(2, 4, 10, 16),
+    "heads-view": lambda: torch.randn(2, 10, 64).unflatten(-1, (4, 16)).transpose(1, 2),  # as attention makes q, k
+    "odd-offset": lambda: torch.randn(2 * 4 * 10 * 16 + 1)[1:].view(2, 4, 10, 16),
+    "strided": lambda: torch.randn(2, 4, 10, 32)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("batched", [False, True], ids=["cos(T,d)", "cos(B,T,d)"])
+def test_apply_rope_matches_the_paper_form_and_its_gradient(layout, pairing, batched):
+    x = LAYOUTS[layout]().requires_grad_()
+    positions = torch.randint(0, 1000, (2, 10)) if batched else torch.arange(10) * 7
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(16), pairing)
+    out, expected = apply_rope(x, cos, sin, pairing), _paper_form(x, cos, sin, pairing)
+    assert out.shape == x.shape
+    assert_close(out, expected)
+    grad = torch.randn_like(out)
+    assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
 
 
 def test_rotate_pairs_turns_each_pair_by_90_degrees():
