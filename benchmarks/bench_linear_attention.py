@@ -30,9 +30,14 @@ def measure(kind: str, length: int, repeats: int) -> dict:
     from roformer.positions import RotaryPositions
 
     attention, impl = kind.split("-")
-    cfg = ModelConfig(hidden_size=512, num_heads=8, attention=attention if attention == "linear" else "softmax",
-                      attention_impl=impl if impl in ("sdpa", "eager") else "sdpa",
-                      linear_feature_map=impl if impl in ("elu", "favor") else "elu", attention_dropout=0.0)
+    cfg = ModelConfig(
+        hidden_size=512,
+        num_heads=8,
+        attention=attention if attention == "linear" else "softmax",
+        attention_impl=impl if impl in ("sdpa", "eager") else "sdpa",
+        linear_feature_map=impl if impl in ("elu", "favor") else "elu",
+        attention_dropout=0.0,
+    )
     layer = ATTENTION_KINDS[cfg.attention](cfg).eval()
     x = torch.randn(1, length, 512)
     rope = RotaryPositions(cfg).rope(torch.arange(length))
@@ -64,8 +69,11 @@ def main() -> None:
         for length in lengths:
             if kind == "softmax-eager" and length > EAGER_LIMIT:
                 continue
-            done = subprocess.run([sys.executable, __file__, "--one", kind, str(length), "--repeats",
-                                   str(args.repeats)], capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", kind, str(length), "--repeats", str(args.repeats)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 print(f"{kind} at {length}: failed\n{done.stderr[-500:]}", file=sys.stderr)
                 continue
@@ -79,8 +87,10 @@ def main() -> None:
             r = results.get((kind, length))
             cells.append("-" if r is None else f"{r['ms']:.0f} ({r['peak_mb']:.0f})")
         print(f"| {length} | " + " | ".join(cells) + " |")
-    print("\ngrowth from the shortest to the longest length (time ratio; linear growth = length ratio "
-          f"{lengths[-1] // lengths[0]}x):")
+    print(
+        "\ngrowth from the shortest to the longest length (time ratio; linear growth = length ratio "
+        f"{lengths[-1] // lengths[0]}x):"
+    )
     for kind in args.kinds:
         ends = [results.get((kind, n)) for n in (lengths[0], lengths[-1])]
         if all(ends):

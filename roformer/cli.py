@@ -204,8 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extrapolate", help="MLM loss of pretrained runs at 1x, 2x, 4x, 8x their training length")
     p.add_argument("runs", nargs="+", help="pretraining run directories")
     p.add_argument("--factors", nargs="+", type=int, default=[1, 2, 4, 8])
-    p.add_argument("--scalings", nargs="+", default=["none", "linear", "ntk", "dynamic_ntk", "yarn"],
-                   help="RoPE scalings to try on rotary runs")
+    p.add_argument(
+        "--scalings",
+        nargs="+",
+        default=["none", "linear", "ntk", "dynamic_ntk", "yarn"],
+        help="RoPE scalings to try on rotary runs",
+    )
     p.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per length")
     p.add_argument("--out", help="where to write the plot (PNG)")
     p.set_defaults(func=extrapolate_command)

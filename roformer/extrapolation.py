@@ -51,8 +51,9 @@ def mlm_loss(model: RoFormerForMaskedLM, batches) -> tuple[float, float]:
     return loss_sum / count, correct / count
 
 
-def evaluate_lengths(run_dirs, factors=(1, 2, 4, 8), scalings=SCALINGS, max_tokens: int = 16384,
-                     batch_tokens: int = 4096, seed: int = 0) -> list[dict]:
+def evaluate_lengths(
+    run_dirs, factors=(1, 2, 4, 8), scalings=SCALINGS, max_tokens: int = 16384, batch_tokens: int = 4096, seed: int = 0
+) -> list[dict]:
     """One row per run x factor x scaling: {run, scheme, scaling, factor, length, loss, accuracy, note}."""
     rows = []
     for run_dir in map(Path, run_dirs):
@@ -68,8 +69,14 @@ def evaluate_lengths(run_dirs, factors=(1, 2, 4, 8), scalings=SCALINGS, max_toke
                     continue  # every scaling is the identity at the training length
                 row = {"run": run_dir.name, "scheme": scheme, "scaling": scaling, "factor": factor, "length": length}
                 if scheme == "learned" and length > base.config.max_position_embeddings:
-                    rows.append({**row, "loss": None, "accuracy": None,
-                                 "note": f"beyond the learned table ({base.config.max_position_embeddings} rows)"})
+                    rows.append(
+                        {
+                            **row,
+                            "loss": None,
+                            "accuracy": None,
+                            "note": f"beyond the learned table ({base.config.max_position_embeddings} rows)",
+                        }
+                    )
                     continue
                 model = _with_scaling(base, scaling, factor)
                 loss, accuracy = mlm_loss(model, batches)
@@ -90,8 +97,10 @@ def format_rows(rows: list[dict]) -> str:
     """Markdown: one line per run and scaling, one column per length (loss / accuracy)."""
     lengths = sorted({r["length"] for r in rows})
     keys = list(dict.fromkeys((r["run"], r["scheme"], r["scaling"]) for r in rows))
-    lines = ["| run | scheme | scaling | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
-             "|---|---|---|" + "---|" * len(lengths)]
+    lines = [
+        "| run | scheme | scaling | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+        "|---|---|---|" + "---|" * len(lengths),
+    ]
     for run, scheme, scaling in keys:
         cells = []
         for n in lengths:
@@ -99,8 +108,11 @@ def format_rows(rows: list[dict]) -> str:
             if not found and scaling != "none":  # at 1x every scaling equals no scaling
                 found = [r for r in rows if (r["run"], r["scaling"], r["length"]) == (run, "none", n)]
             r = found[0] if found else None
-            cells.append("-" if r is None else ("n/a: " + r["note"] if r["loss"] is None
-                                                 else f"{r['loss']:.3f} / {r['accuracy']:.3f}"))
+            cells.append(
+                "-"
+                if r is None
+                else ("n/a: " + r["note"] if r["loss"] is None else f"{r['loss']:.3f} / {r['accuracy']:.3f}")
+            )
         lines.append(f"| {run} | {scheme} | {scaling} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -114,9 +126,13 @@ def plot_rows(rows: list[dict], out: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = list(dict.fromkeys((r["run"], r["scaling"]) for r in rows))
     for run, scaling in keys:
-        points = sorted((r["length"], r["loss"]) for r in rows
-                        if r["run"] == run and r["loss"] is not None
-                        and (r["scaling"] == scaling or (r["factor"] == 1 and r["scaling"] == "none")))
+        points = sorted(
+            (r["length"], r["loss"])
+            for r in rows
+            if r["run"] == run
+            and r["loss"] is not None
+            and (r["scaling"] == scaling or (r["factor"] == 1 and r["scaling"] == "none"))
+        )
         if points:
             label = run if scaling == "none" else f"{run} + {scaling}"
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)

@@ -284,4 +284,3 @@ class MLMTask(Task):
 
     def save_artifacts(self, path: Path) -> None:
         self.tokenizer.save_pretrained(path)
-
