@@ -139,6 +139,10 @@ def _cell(value: float | tuple | None) -> str:
     return f"{value:.1f}"
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def table2_row(results: dict[str, TaskSweep]) -> dict[str, float | tuple | None]:
     """This sweep's cells of Table 2 (x100); MNLI as (matched, mismatched)."""
     row = {}
@@ -161,7 +165,7 @@ def format_report(results: dict[str, TaskSweep], seeds: list[int]) -> str:
     for task, result in results.items():
         means = result.mean_by_lr()
         by_lr = ", ".join(
-            f"{lr:g}: {100 * m[result.metric]:.1f} ({len(result.runs[lr])} seeds)" for lr, m in means.items()
+            f"{lr:g}: {100 * m[result.metric]:.1f} ({_seeds(len(result.runs[lr]))})" for lr, m in means.items()
         )
         best = result.best()
         chosen = f"; best lr {best[0]:g}" if best else ""

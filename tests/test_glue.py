@@ -373,6 +373,28 @@ def test_a_bert_pooler_starts_the_classification_head(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@needs_shared_data
+def test_a_real_batch_can_be_learned(tmp_path):
+    """Inputs, token types and labels line up: a small model overfits one batch of real RTE pairs."""
+    cfg = load_config(
+        TINY_RTE,
+        [*TINY_MODEL, f"data.data_dir={SHARED_GLUE}", "data.max_train_samples=64", "model.hidden_dropout=0.0",
+         "model.attention_dropout=0.0"],
+    )  # fmt: skip
+    task = built_task(cfg, tmp_path)
+    model = task.build_model()
+    batch = next(iter(task.train_dataloader()))
+    assert batch["token_type_ids"].max() == 1 and batch["labels"].dtype == torch.long
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = task.loss(model, batch).item()
+    for _ in range(40):
+        loss = task.loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert first > 0.6 and loss.item() < 0.1
+
+
 @pytest.mark.slow
 @needs_shared_data
 def test_short_real_rte_fine_tune_writes_metrics_model_and_submission(tmp_path):

@@ -389,15 +389,6 @@ class GLUETask(Task):
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
         examples = load_local(data, self.spec) if data.data_dir else load_hub(data, self.spec)
-        checkpoint = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
-        if checkpoint is not None:
-            self.encoder, self.pooler = load_encoder(checkpoint)
-            cfg.model = fine_tuning_config(self.encoder.config, cfg.model)  # config.yaml shows what is trained
-        self.tokenizer = self._tokenizer(accelerator, run_dir, checkpoint, examples.train)
-        self._check_model_fits()
-        if accelerator.is_main_process:
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
-
         train = examples.train[: data.max_train_samples]
         dev = [(name, ex[: data.max_eval_samples]) for name, ex in examples.dev]
         if not train:
@@ -405,10 +396,20 @@ class GLUETask(Task):
             raise DataError(f"GLUE {self.spec.name}: no training examples{hint}")
         if not all(ex for _, ex in dev):
             raise DataError(f"GLUE {self.spec.name}: a dev set has no examples")
+
+        checkpoint = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
+        if checkpoint is not None:
+            self.encoder, self.pooler = load_encoder(checkpoint)
+            cfg.model = fine_tuning_config(self.encoder.config, cfg.model)  # config.yaml shows what is trained
+        self.tokenizer = self._tokenizer(accelerator, run_dir, checkpoint, train)
+        self._check_model_fits()
+
         with accelerator.main_process_first():
             self.train_set = self._encode(train)
             self.dev_sets = [(name, self._encode(ex)) for name, ex in dev]
             self.test_sets = [(name, self._encode(ex)) for name, ex in examples.test]
+        if accelerator.is_main_process:  # last: bad input above leaves no run directory behind
+            self.tokenizer.save_pretrained(run_dir / "tokenizer")
 
     def _tokenizer(self, accelerator, run_dir: Path, checkpoint: Path | None, train: list[dict]):
         data, saved = self.data, run_dir / "tokenizer"
