@@ -388,6 +388,7 @@ class GLUETask(Task):
 
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
+        checkpoint = resolve_checkpoint(cfg.init_from) if cfg.init_from else None  # a typo fails before any download
         examples = load_local(data, self.spec) if data.data_dir else load_hub(data, self.spec)
         train = examples.train[: data.max_train_samples]
         dev = [(name, ex[: data.max_eval_samples]) for name, ex in examples.dev]
@@ -397,7 +398,6 @@ class GLUETask(Task):
         if not all(ex for _, ex in dev):
             raise DataError(f"GLUE {self.spec.name}: a dev set has no examples")
 
-        checkpoint = resolve_checkpoint(cfg.init_from) if cfg.init_from else None
         if checkpoint is not None:
             self.encoder, self.pooler = load_encoder(checkpoint)
             cfg.model = fine_tuning_config(self.encoder.config, cfg.model)  # config.yaml shows what is trained
