@@ -39,7 +39,7 @@ def _training_command(task: str):
 def compare_command(args) -> int:
     from roformer.compare import compare_runs
 
-    print(compare_runs(args.runs, args.out))
+    print(compare_runs(args.runs, args.out, args.at_steps))
     if args.out:
         print(f"plot: {args.out}")
     return 0
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="table and plot of run directories")
     p.add_argument("runs", nargs="+", help="run directories (output_dir of each run)")
     p.add_argument("--out", help="where to write the plot (PNG)")
+    p.add_argument("--at-steps", dest="at_steps", nargs="+", type=int, help="also a per-scheme table at these steps")
     p.set_defaults(func=compare_command)
 
     p = sub.add_parser("convert", help="convert a model directory to or from transformers")

@@ -109,9 +109,38 @@ def _tokens_at(rows: list[dict], steps: list[int]) -> list[float]:
     return out
 
 
-def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> str:
-    """Load runs, write the plot (if `out`), return the table."""
+def value_at(rows: list[dict], key: str, step: int):
+    """The metric logged at exactly `step` (None if it was not)."""
+    return next((r[key] for r in rows if r.get("step") == step and key in r), None)
+
+
+def steps_table(runs: list[dict], steps: list[int], keys=("eval/loss", "eval/mlm_accuracy")) -> str:
+    """Per scheme, the metrics at fixed steps: the mean over the runs (seeds) and, with several, their range."""
+    by_scheme: dict[str, list[dict]] = {}
+    for run in runs:
+        by_scheme.setdefault(run["config"].get("model", {}).get("position", "?"), []).append(run)
+    table = []
+    for scheme, group in by_scheme.items():
+        row = {"scheme": scheme, "runs": len(group)}
+        for key in keys:
+            for step in steps:
+                values = [v for v in (value_at(r["rows"], key, step) for r in group) if v is not None]
+                if not values:
+                    row[f"{key} @{step}"] = None
+                    continue
+                mean = sum(values) / len(values)
+                spread = f" ({min(values):.4f}-{max(values):.4f})" if len(values) > 1 else ""
+                row[f"{key} @{step}"] = f"{mean:.4f}{spread}"
+        table.append(row)
+    return format_table(table)
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path | None = None, at_steps: list[int] | None = None) -> str:
+    """Load runs, write the plot (if `out`), return the table (and the per-scheme table at `at_steps`)."""
     runs = [load_run(d) for d in run_dirs]
     if out:
         plot_runs(runs, out)
-    return format_table([summary_row(run) for run in runs])
+    table = format_table([summary_row(run) for run in runs])
+    if at_steps:
+        table += "\n\n" + steps_table(runs, at_steps)
+    return table
