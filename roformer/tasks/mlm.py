@@ -7,6 +7,7 @@ mask exactly what the straight single-process run masks.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -25,6 +26,7 @@ from roformer.tasks.base import Task
 from roformer.tokenization import load_tokenizer, train_wordpiece
 
 WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")  # ' = Title = ' starts an article; ' = = Section = = ' does not
+PACKING_GROUP = 10_000  # documents packed together by one `datasets.map` batch
 EVAL_SALT = 1_000_003  # keeps evaluation masks apart from any training step's
 
 
@@ -195,18 +197,53 @@ class MLMTask(Task):
         if accelerator.is_main_process:
             self.tokenizer.save_pretrained(tokenizer_dir)
 
-        self.train_blocks = self._blocks(train_docs)
-        self.eval_blocks = self._blocks(valid_docs)
-        if not self.train_blocks or not self.eval_blocks:
+        self.train_blocks = self._blocks(train_docs, accelerator, run_dir / "cache", "train")
+        self.eval_blocks = self._blocks(valid_docs, accelerator, run_dir / "cache", "validation")
+        if not len(self.train_blocks) or not len(self.eval_blocks):
             raise DataError("the corpus produced no training or validation blocks")
         self.masker = SeededMasker(self.tokenizer, data.mlm_probability, cfg.train.seed)
-        self.eval_examples = self._premasked(self.eval_blocks)
+        self.eval_examples = self._premasked(self.eval_blocks.to_list())
 
-    def _blocks(self, documents: list[str]) -> list[dict]:
-        tok = self.tokenizer
-        ids = tok(documents, add_special_tokens=False, verbose=False)["input_ids"]
-        blocks = pack_documents(ids, self.data.max_seq_length, tok.cls_token_id, tok.sep_token_id)
-        return [{"input_ids": b, "example_index": i} for i, b in enumerate(blocks)]
+    def _blocks(self, documents: list[str], accelerator, cache_dir: Path, split: str):
+        """Tokenize and pack with `datasets.map`, computed once on the main process and cached in the run's
+        cache/ under a name that changes with the text, the vocabulary and the block length."""
+        import datasets
+
+        tok, block_size = self.tokenizer, self.data.max_seq_length
+        key = hashlib.sha256(f"{tok.backend_tokenizer.to_str()}|{block_size}|".encode())
+        for document in documents:
+            key.update(document.encode())
+        prefix = str(cache_dir / f"{split}-{key.hexdigest()[:16]}")
+
+        def tokenize(batch):
+            # the Rust tokenizer directly: documents are longer than a block by design, and no warning is due
+            return {"ids": [e.ids for e in tok.backend_tokenizer.encode_batch(batch["text"], add_special_tokens=False)]}
+
+        def pack(batch):  # blocks never span two groups of PACKING_GROUP documents
+            return {"input_ids": pack_documents(batch["ids"], block_size, tok.cls_token_id, tok.sep_token_id)}
+
+        def number(batch, indices):
+            return {"example_index": indices}
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with accelerator.main_process_first():
+            texts = datasets.Dataset.from_dict({"text": documents})
+            ids = texts.map(
+                tokenize,
+                batched=True,
+                remove_columns=["text"],
+                cache_file_name=f"{prefix}-ids.arrow",
+                desc=f"tokenizing {split}",
+            )
+            blocks = ids.map(
+                pack,
+                batched=True,
+                batch_size=PACKING_GROUP,
+                remove_columns=["ids"],
+                cache_file_name=f"{prefix}-blocks.arrow",
+                desc=f"packing {split}",
+            )
+            return blocks.map(number, batched=True, with_indices=True, cache_file_name=f"{prefix}-numbered.arrow")
 
     def _premasked(self, blocks: list[dict]) -> list[dict]:
         """Evaluation masks are drawn once, so every evaluation scores the same predictions."""
