@@ -89,6 +89,13 @@ def plot_runs(runs: list[dict], out: str | Path, keys=("train/loss", "eval/loss"
         for ax in (axes[0][col], axes[1][col]):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and free the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

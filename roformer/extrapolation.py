@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from roformer.compare import save_figure
 from roformer.config import load_config
 from roformer.errors import DataError
 from roformer.modeling import RoFormerForMaskedLM
@@ -140,9 +141,4 @@ def plot_rows(rows: list[dict], out: str | Path) -> Path:
     ax.set_xticks(sorted({r["length"] for r in rows}), [str(n) for n in sorted({r["length"] for r in rows})])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
