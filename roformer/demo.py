@@ -60,7 +60,8 @@ def compare_schemes(
                 print(f"\n== {run_dir.name}: already trained")
             else:
                 print(f"\n== {run_dir.name}: training into {run_dir}")
-                train(cfg)
+                if train(cfg).get("status") == "interrupted":  # Ctrl-C or SIGTERM stops the whole comparison
+                    raise SystemExit(f"stopped during {run_dir.name}; run the same command again to continue")
             run_dirs.append(run_dir)
     table = compare_runs(run_dirs, output_dir / "compare.png")
     print("\n" + table + f"\n\nplot: {output_dir / 'compare.png'}")
