@@ -8,6 +8,7 @@ each module is one document. About 340k words, enough for a small pretraining co
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 import warnings
 from pathlib import Path
@@ -33,8 +34,9 @@ def _module_docstrings(path: Path) -> str:
     return "\n\n".join(d.strip() for d in docs if d and len(d.split()) >= 4)
 
 
-def builtin_documents() -> list[str]:
-    """Python's documentation as a list of documents, in a fixed order."""
+@functools.cache  # parsing the standard library takes seconds; a comparison asks once per run
+def builtin_documents() -> tuple[str, ...]:
+    """Python's documentation as documents, in a fixed order."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     documents = _topics()
     for path in sorted(stdlib.rglob("*.py")):
@@ -43,4 +45,4 @@ def builtin_documents() -> list[str]:
         text = _module_docstrings(path)
         if len(text.split()) >= 20:
             documents.append(text)
-    return documents
+    return tuple(documents)

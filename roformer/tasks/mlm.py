@@ -76,7 +76,7 @@ def hub_documents(data: MLMDataConfig, split: str) -> list[str]:
 def load_corpus(data: MLMDataConfig, seed: int) -> tuple[list[str], list[str]]:
     """(train documents, validation documents) for the configured source."""
     if data.corpus == "builtin":
-        train = builtin_documents()
+        train = list(builtin_documents())
     elif data.corpus == "files":
         if not data.train_files:
             raise DataError("data.train_files is empty; list text files or directories (data.corpus=files)")
