@@ -1,5 +1,7 @@
 """Every position scheme and attention variant through every head: shapes, losses, gradients, saving."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,16 +50,10 @@ def _build(head: str, cfg: roformer.ModelConfig):
         model = roformer.RoFormerForSequenceClassification(cfg, num_labels=num_labels)
         labels = torch.tensor([0, 1, 1]) if num_labels == 2 else torch.randn(B)
         return model, lambda: model(input_ids, _padding(), token_type_ids, labels=labels)
-    model = roformer.RoFormerForSeq2SeqLM(dataclass_replace(cfg, num_decoder_layers=2, embedding_size=None))
+    model = roformer.RoFormerForSeq2SeqLM(dataclasses.replace(cfg, num_decoder_layers=2, embedding_size=None))
     target = torch.randint(1, V, (B, 6))
     labels = target.roll(-1, dims=1).masked_fill(torch.arange(6) >= 5, -100)
     return model, lambda: model(input_ids, _padding(), decoder_input_ids=target, labels=labels, label_smoothing=0.1)
-
-
-def dataclass_replace(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def _word_embeddings(model) -> torch.nn.Embedding:
@@ -162,7 +158,7 @@ def test_output_shapes(tiny_config):
     assert len(out.attentions) == cfg.num_layers and out.attentions[0].shape == (B, 4, T, T)
     assert out.logits is None and out.loss is None
     assert roformer.RoFormerForMaskedLM(cfg)(input_ids).logits.shape == (B, T, V)
-    seq2seq = roformer.RoFormerForSeq2SeqLM(dataclass_replace(cfg, embedding_size=None, num_decoder_layers=1))
+    seq2seq = roformer.RoFormerForSeq2SeqLM(dataclasses.replace(cfg, embedding_size=None, num_decoder_layers=1))
     memory = seq2seq.encode(input_ids)
     assert memory.shape == (B, T, 32)
     assert seq2seq.decode(torch.randint(1, V, (B, 4)), memory).shape == (B, 4, V)
@@ -214,7 +210,7 @@ SAVED = {
         cfg, num_labels=1
     ),
     "RoFormerForSeq2SeqLM": lambda cfg: roformer.RoFormerForSeq2SeqLM(
-        dataclass_replace(cfg, num_decoder_layers=1, embedding_size=None)
+        dataclasses.replace(cfg, num_decoder_layers=1, embedding_size=None)
     ),
 }
 
