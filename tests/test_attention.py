@@ -213,9 +213,10 @@ def test_incremental_decoding_matches_teacher_forcing(tiny_config, overrides):
     assert all(c.cross_attn.length == 7 for c in caches)  # the source's keys, computed once
 
 
-def test_decoding_depends_on_earlier_tokens_only(tiny_config):
+@pytest.mark.parametrize("attention", ["softmax", "linear"])
+def test_decoding_depends_on_earlier_tokens_only(tiny_config, attention):
     """Changing a later target token leaves the logits at earlier positions unchanged (causal decoder)."""
-    model = _seq2seq(tiny_config)
+    model = _seq2seq(tiny_config, attention=attention)
     source, target = torch.randint(1, 97, (B, 7)), torch.randint(1, 97, (B, 8))
     changed = target.clone()
     changed[:, 5] = (changed[:, 5] + 1) % 97
