@@ -67,11 +67,15 @@ class ModelConfig:
     """Decoder layers of the encoder-decoder (translation); 0 for an encoder only."""
     embedding_layer_norm: bool = True
     """LayerNorm after the embeddings (BERT, RoFormer); the original Transformer has none."""
-    scale_embeddings: bool = False
-    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do."""
+    scale_embeddings: bool | None = None
+    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do. Unset means on for sinusoidal
+    only: its fixed table has unit amplitude, and unscaled std-0.02 word embeddings drown under it after the
+    embedding LayerNorm (the run stalls on the unigram plateau, docs/results.md section 1)."""
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        if self.scale_embeddings is None:
+            self.scale_embeddings = self.position == "sinusoidal"
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"

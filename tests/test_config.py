@@ -165,3 +165,12 @@ def test_exponent_without_a_dot_is_a_float(recipe):
     assert cfg.train.learning_rate == 3e-5 and isinstance(cfg.train.learning_rate, float)
     with pytest.raises(ConfigError, match="train.max_steps"):  # ints stay strict
         load_config(None, ["train.max_steps=1e3"])
+
+
+def test_sinusoidal_scales_its_token_embeddings_unless_told_otherwise():
+    """The unit-amplitude sinusoidal table drowns std-0.02 word embeddings; Vaswani's sqrt(d) scaling is its default."""
+    assert load_config(None, ["model.position=sinusoidal"]).model.scale_embeddings is True
+    assert load_config(None, ["model.position=rotary"]).model.scale_embeddings is False
+    assert load_config(None, ["model.position=learned"]).model.scale_embeddings is False
+    explicit = load_config(None, ["model.position=sinusoidal", "model.scale_embeddings=false"])
+    assert explicit.model.scale_embeddings is False
