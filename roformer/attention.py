@@ -14,10 +14,36 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from roformer.config import ModelConfig
+from roformer.dropout import dropout_attention
 from roformer.positions import NO_ROPE, Rope, _NoRope
 
 QUERY_CHUNK = 512
 """Queries per chunk of `chunked_attention`, used when training on CPU with attention dropout past this length."""
+
+
+@dataclass
+class QuerySubset:
+    """Some positions of each sequence, padded to the longest count: index (B, M) and which are real (B, M).
+
+    A masked-LM loss needs the last layer's output at the masked positions only, so that layer's queries,
+    feed-forward and norms can skip the other ~85% of the tokens (its keys and values still see them all).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, selected: torch.Tensor) -> QuerySubset:
+        """selected: (B, T) bool. Positions keep their order, so x[selected] == gather(x)[valid]."""
+        counts = selected.sum(dim=1)
+        width = int(counts.max()) if selected.numel() else 0
+        index = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=selected.device) < counts.unsqueeze(1)
+        return cls(index, valid)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, M, H): the selected rows, then unselected ones as padding (not `valid`)."""
+        return x.gather(1, self.index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 @dataclass
@@ -72,8 +98,7 @@ def chunked_attention(
     for start in range(0, q.shape[-2], chunk_size):
         rows = slice(start, start + chunk_size)
         chunk_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
-        sdpa = F.scaled_dot_product_attention
-        outputs.append(checkpoint(sdpa, q[..., rows, :], k, v, chunk_mask, dropout_p, use_reentrant=False))
+        outputs.append(checkpoint(dropout_attention, q[..., rows, :], k, v, chunk_mask, dropout_p, use_reentrant=False))
     return torch.cat(outputs, dim=-2)
 
 
@@ -95,16 +120,18 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hs)
 
-    def _keys_values(self, source: torch.Tensor, rope: Rope | _NoRope, cache: KVCache | None):
+    def _project(self, x: torch.Tensor, context: torch.Tensor | None, queries: QuerySubset | None, cache):
+        """Queries, keys and values before rotation, as (B, nh, T, hs); keys and values are None when a static
+        cache already holds the source's."""
+        if not self.cross and queries is None:  # self-attention: one matrix product for q, k and v
+            weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+            bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
+            return tuple(self._heads(t) for t in F.linear(x, weight, bias).chunk(3, dim=-1))
+        q = self._heads(self.query(x if queries is None else queries.gather(x)))
         if cache is not None and cache.static and cache.key is not None:
-            return cache.key, cache.value  # the source's keys, computed at the first decoding step
-        k, v = self._heads(self.key(source)), self._heads(self.value(source))
-        k = rope.rotate(k)
-        if self.rotary_value:
-            v = rope.rotate(v)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        return k, v
+            return q, None, None  # the source's keys, computed at the first decoding step
+        source = context if self.cross else x
+        return q, self._heads(self.key(source)), self._heads(self.value(source))
 
     def forward(
         self,
@@ -114,12 +141,22 @@ class MultiHeadAttention(nn.Module):
         context: torch.Tensor | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
+        queries: QuerySubset | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (B, T, H); context: (B, S, H) for cross-attention. Returns (B, T, H) and, if asked, the weights."""
+        """x: (B, T, H); context: (B, S, H) for cross-attention. Returns (B, T, H) and, if asked, the weights.
+        With `queries`, only those rows of x attend (to all of x): returns (B, M, H)."""
         if self.cross:
             rope = NO_ROPE  # positions live in each stream's self-attention, not across streams
-        q = rope.rotate(self._heads(self.query(x)))
-        k, v = self._keys_values(context if self.cross else x, rope, cache)
+        q, k, v = self._project(x, context, queries, cache)
+        q = (rope if queries is None else rope.select(queries.index)).rotate(q)
+        if k is None:
+            k, v = cache.key, cache.value
+        else:
+            k = rope.rotate(k)
+            if self.rotary_value:
+                v = rope.rotate(v)
+            if cache is not None:
+                k, v = cache.append(k, v)
         out, weights = self.attend(q, k, v, mask, need_weights)
         return self.out(out.transpose(1, 2).flatten(2)), weights
 
@@ -127,6 +164,8 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.impl == "eager" or need_weights:
             return eager_attention(q, k, v, mask, dropout_p)
-        if dropout_p > 0 and q.device.type == "cpu" and q.shape[-2] > QUERY_CHUNK and torch.is_grad_enabled():
-            return chunked_attention(q, k, v, mask, dropout_p, QUERY_CHUNK), None
+        if dropout_p > 0 and q.device.type == "cpu" and torch.is_grad_enabled():  # no fused kernel: ours is leaner
+            if q.shape[-2] > QUERY_CHUNK:
+                return chunked_attention(q, k, v, mask, dropout_p, QUERY_CHUNK), None
+            return dropout_attention(q, k, v, mask, dropout_p), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None

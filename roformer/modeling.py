@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from roformer.attention import KVCache, MultiHeadAttention
+from roformer.attention import KVCache, MultiHeadAttention, QuerySubset
 from roformer.config import ModelConfig, model_config_from_dict
+from roformer.dropout import Dropout
 from roformer.errors import ConfigError
 from roformer.linear_attention import ATTENTION_KINDS
 from roformer.positions import build_position_scheme
@@ -95,7 +96,7 @@ class Embeddings(nn.Module):
         self.positions = build_position_scheme(cfg)
         self.scale = math.sqrt(dim) if cfg.scale_embeddings else 1.0
         self.norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if cfg.embedding_layer_norm else nn.Identity()
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids, position_ids, token_type_ids=None) -> torch.Tensor:
         x = self.word_embeddings(input_ids) * self.scale  # (B, T, E)
@@ -141,13 +142,26 @@ class TransformerLayer(nn.Module):
         self.cross_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cross_attention else None
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(
-        self, x, mask, rope, context=None, context_mask=None, cache: LayerCache | None = None, need_weights=False
+        self,
+        x,
+        mask,
+        rope,
+        context=None,
+        context_mask=None,
+        cache: LayerCache | None = None,
+        need_weights=False,
+        queries: QuerySubset | None = None,
     ):
-        """x: (B, T, H); context: (B, S, H). Returns (B, T, H) and the self-attention weights if asked."""
-        attended, weights = self.attn(x, mask, rope, cache=cache and cache.self_attn, need_weights=need_weights)
+        """x: (B, T, H); context: (B, S, H). Returns (B, T, H) and the self-attention weights if asked.
+        With `queries` (self-attention only), computes just those rows: (B, M, H)."""
+        if queries is None:
+            attended, weights = self.attn(x, mask, rope, cache=cache and cache.self_attn, need_weights=need_weights)
+        else:
+            attended, weights = self.attn(x, mask, rope, queries=queries)
+            x = queries.gather(x)
         x = self.attn_norm(x + self.dropout(attended))
         if self.cross_attn is not None:
             attended, _ = self.cross_attn(x, context_mask, context=context, cache=cache and cache.cross_attn)
@@ -173,10 +187,13 @@ class TransformerStack(nn.Module):
         caches=None,
         output_hidden_states=False,
         output_attentions=False,
+        last_layer_queries: QuerySubset | None = None,
     ):
         hidden_states, attentions = [x], []
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, weights = layer(x, mask, rope, context, context_mask, caches and caches[i], output_attentions)
+            queries = last_layer_queries if i == last else None
+            x, weights = layer(x, mask, rope, context, context_mask, caches and caches[i], output_attentions, queries)
             hidden_states.append(x)
             attentions.append(weights)
         return ModelOutput(
@@ -277,19 +294,26 @@ class RoFormerModel(PreTrainedModel):
         position_ids=None,
         output_hidden_states=False,
         output_attentions=False,
+        outputs_at: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids: (B, T). Returns last_hidden_state (B, T, H)."""
+        """input_ids: (B, T). Returns last_hidden_state (B, T, H); with `outputs_at` (B, T) bool, the last layer
+        runs for those positions only and last_hidden_state is theirs, (N, H) in row-major order."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embeddings_project(self.embeddings(input_ids, position_ids, token_type_ids))
         rope = self.embeddings.positions.rope(position_ids)
-        return self.encoder(
+        queries = None if outputs_at is None else QuerySubset.from_mask(outputs_at)
+        out = self.encoder(
             x,
             padding_mask(attention_mask),
             rope,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            last_layer_queries=queries,
         )
+        if queries is not None:
+            out.last_hidden_state = out.last_hidden_state[queries.valid]
+        return out
 
 
 class MaskedLMHead(nn.Module):
@@ -318,14 +342,21 @@ class RoFormerForMaskedLM(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> ModelOutput:
         """Without labels: logits (B, T, V). With labels (-100 = not masked): the loss, and logits (N, V) at
-        the N masked positions only: the same loss as from full logits at a fraction of the vocabulary work."""
-        out = self.roformer(input_ids, attention_mask, token_type_ids, **kwargs)
-        hidden = out.last_hidden_state
+        the N masked positions only: the same loss as from full logits at a fraction of the work (the vocabulary
+        projection and, with softmax attention, the last layer run for the masked positions only)."""
         if labels is None:
-            out.logits = self.head(hidden)
+            out = self.roformer(input_ids, attention_mask, token_type_ids, **kwargs)
+            out.logits = self.head(out.last_hidden_state)
             return out
         masked = labels != -100
-        out.logits = self.head(hidden[masked])  # (N, V)
+        every_position_wanted = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+        if self.config.attention == "softmax" and not every_position_wanted:
+            out = self.roformer(input_ids, attention_mask, token_type_ids, outputs_at=masked, **kwargs)
+            hidden = out.last_hidden_state  # (N, H)
+        else:
+            out = self.roformer(input_ids, attention_mask, token_type_ids, **kwargs)
+            hidden = out.last_hidden_state[masked]
+        out.logits = self.head(hidden)  # (N, V)
         out.loss = F.cross_entropy(out.logits.float(), labels[masked])
         return out
 
@@ -337,7 +368,7 @@ class ClassificationHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.act = activation(cfg.classifier_activation)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         self.out_proj = nn.Linear(cfg.hidden_size, num_labels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

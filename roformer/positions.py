@@ -136,12 +136,22 @@ class Rope:
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return apply_rope(x, self.cos, self.sin, self.pairing)
 
+    def select(self, index: torch.Tensor) -> Rope:
+        """The angles of the positions in `index` (B, M) of each sequence: (B, M, d) cos and sin."""
+        if self.cos.dim() == 2:
+            return Rope(self.cos[index], self.sin[index], self.pairing)
+        rows = index.unsqueeze(-1).expand(-1, -1, self.cos.shape[-1])
+        return Rope(self.cos.gather(1, rows), self.sin.gather(1, rows), self.pairing)
+
 
 class _NoRope:
     """Stands in when the scheme is not rotary (and for cross-attention): rotation is the identity."""
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def select(self, index: torch.Tensor) -> _NoRope:
+        return self
 
 
 NO_ROPE = _NoRope()

@@ -7,6 +7,7 @@ from torch.testing import assert_close
 import roformer
 import roformer.attention
 from roformer.attention import KVCache, MultiHeadAttention, chunked_attention, eager_attention
+from roformer.dropout import drop_mask, dropout_attention
 from roformer.modeling import causal_mask, combine_masks, padding_mask
 from roformer.positions import NO_ROPE, Rope, rope_cos_sin, rope_inv_freq
 
@@ -134,13 +135,7 @@ def test_chunked_attention_backward_replays_the_dropout_mask():
     actual = chunked_attention(q, k, v, mask, 0.5, chunk_size=4)
     grads = torch.autograd.grad(actual, (q, k, v), torch.ones_like(actual))
     torch.manual_seed(5)  # the same chunks without recomputation
-    expected = torch.cat(
-        [
-            torch.nn.functional.scaled_dot_product_attention(q[..., s : s + 4, :], k, v, attn_mask=mask, dropout_p=0.5)
-            for s in range(0, T, 4)
-        ],
-        dim=-2,
-    )
+    expected = torch.cat([dropout_attention(q[..., s : s + 4, :], k, v, mask, 0.5) for s in range(0, T, 4)], dim=-2)
     assert_close(actual, expected)
     for a, e in zip(grads, torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))):
         assert_close(a, e)
@@ -273,3 +268,71 @@ def test_seq2seq_cross_attention_sees_the_memory_unrotated(tiny_config):
         q, k, v = attn._heads(attn.query(x)), attn._heads(attn.key(context)), attn._heads(attn.value(context))
         expected = attn.out(torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, -1).matmul(v).transpose(1, 2).flatten(2))
     assert_close(seen["out"][0], expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+def test_dropout_attention_is_sdpa_with_the_drawn_mask(mask_name):
+    """Forward and the hand-written backward against autograd through the same maths and the same drop mask."""
+    q, k, v = (t.double().requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
+    mask = MASKS[mask_name]()
+    torch.manual_seed(3)
+    actual = dropout_attention(q, k, v, mask, 0.2)
+    torch.manual_seed(3)
+    drop, p = drop_mask((B, 4, T, T), 0.2, q.device)
+    scores = q @ k.transpose(-2, -1) / 8**0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    expected = (torch.softmax(scores, dim=-1).masked_fill(drop, 0.0) / (1 - p)) @ v
+    assert_close(actual, expected)
+    grad = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad(actual, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        assert_close(a, e)
+
+
+def test_dropout_attention_without_dropout_is_sdpa():
+    q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
+    mask = MASKS["padding"]()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    actual = dropout_attention(q, k, v, mask, 0.0)
+    assert_close(actual, expected)
+    for a, e in zip(torch.autograd.grad(actual.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+        assert_close(a, e)
+
+
+def test_drop_mask_rate_and_unbiased_output():
+    torch.manual_seed(0)
+    drop, p = drop_mask((1000, 1000), 0.1, torch.device("cpu"))
+    assert abs(p - 0.1) < 1e-5  # quantised to 1/65536
+    assert abs(drop.float().mean().item() - p) < 2e-3  # 1e6 draws: the standard error is 3e-4
+    v = torch.randn(1, 1, 64, 16)
+    q, k = torch.zeros(1, 1, 2000, 16), torch.zeros(1, 1, 64, 16)  # uniform weights 1/64 over the keys
+    out = dropout_attention(q, k, v, None, 0.1)
+    assert_close(out.mean(dim=2), v.mean(dim=2), atol=0.02, rtol=0)  # the 1/(1-p) scaling keeps the mean
+
+
+def test_training_on_cpu_uses_the_lean_dropout_attention(tiny_config, monkeypatch):
+    calls = []
+    monkeypatch.setattr(roformer.attention, "dropout_attention", lambda *a: calls.append(a) or a[0])
+    attn = MultiHeadAttention(tiny_config(attention_dropout=0.1)).train()
+    attn(torch.randn(B, T, 32))
+    assert len(calls) == 1
+    with torch.no_grad():
+        attn(torch.randn(B, T, 32))  # inference: SDPA
+    attn.eval()(torch.randn(B, T, 32))
+    assert len(calls) == 1
+
+
+def test_cpu_training_dropout_module():
+    """roformer.dropout.Dropout: the same expectation as nn.Dropout, its mask reused by backward, identity in eval."""
+    from roformer.dropout import Dropout
+
+    layer = Dropout(0.25).train()
+    x = torch.ones(200, 500, requires_grad=True)
+    torch.manual_seed(1)
+    out = layer(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75), rtol=1e-4, atol=0)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad != 0, kept)
+    assert torch.equal(layer.eval()(x), x)

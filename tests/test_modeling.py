@@ -94,6 +94,27 @@ def test_mlm_loss_on_masked_positions_equals_full_cross_entropy(tiny_config, var
     assert_close(labelled.logits, full[labels != -100])
 
 
+@pytest.mark.parametrize("variant", ["rotary", "half", "sinusoidal"])
+def test_mlm_last_layer_at_masked_positions_only_keeps_the_gradients(tiny_config, variant):
+    """With labels the last layer runs for the masked positions only: the same loss and gradients as the full
+    forward, also with per-sequence position ids (the RoPE angles are gathered per row)."""
+    cfg = tiny_config(**({"rotary_pairing": "half"} if variant == "half" else {"position": variant}))
+    model = roformer.RoFormerForMaskedLM(cfg).eval()
+    input_ids = torch.randint(1, V, (B, T))
+    labels = _mlm_labels(input_ids)
+    position_ids = torch.arange(T).expand(B, T) + torch.tensor([[0], [3], [1]])
+    fast = model(input_ids, _padding(), labels=labels, position_ids=position_ids).loss
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()), allow_unused=True)
+    logits = model(input_ids, _padding(), position_ids=position_ids).logits
+    full = F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)
+    full_grads = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
+    assert_close(fast, full)
+    for a, e in zip(fast_grads, full_grads):
+        assert (a is None) == (e is None) or (a is None and e.abs().max() < 1e-9)
+        if a is not None:
+            assert_close(a, e)
+
+
 def test_classification_and_regression_losses(tiny_config):
     input_ids = torch.randint(1, V, (B, T))
     cls = roformer.RoFormerForSequenceClassification(tiny_config(), num_labels=3).eval()

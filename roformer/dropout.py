@@ -1,0 +1,90 @@
+"""Dropout for CPU training: cheap masks, a dropout module, and softmax attention with dropout in one function.
+
+torch has no fused CPU kernel that applies attention dropout, so `scaled_dot_product_attention(dropout_p>0)`
+falls back to composite maths: a "safe" softmax (three extra passes over the (B, nh, T_q, T_k) weights), a
+Bernoulli draw per weight (a tenth of a BERT-base training step on CPU), a float mask multiply, and autograd
+keeps the scores, the weights, the mask and the dropped weights for backward. Here forward keeps the softmax
+weights, the dropped weights and the drop mask (one byte per weight), and the mask comes from 16-bit random
+integers, several times cheaper to draw than Bernoulli floats. `Dropout` uses the same masks for activations.
+
+The drop probability is therefore quantised to 1/65536 (0.1 becomes 0.100006), the way fused GPU kernels
+quantise it to 8 bits; outputs are scaled by 1/(1 - that probability), so expectations stay exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+_LEVELS = 1 << 16
+
+
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """A boolean mask, True (dropped) with probability p' = round(p * 65536) / 65536; returns it and p'."""
+    threshold = round(p * _LEVELS)
+    draws = torch.randint(-(_LEVELS // 2), _LEVELS // 2, shape, dtype=torch.int16, device=device)
+    return draws < threshold - _LEVELS // 2, threshold / _LEVELS
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        drop, p_used = drop_mask(x.shape, p, x.device)
+        ctx.save_for_backward(drop)
+        ctx.keep_scale = 1.0 / (1.0 - p_used)
+        return x.masked_fill(drop, 0.0).mul_(ctx.keep_scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0.0).mul_(ctx.keep_scale), None
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, drawing its mask from 16-bit integers when training on CPU (torch's own kernel elsewhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
+            return _Dropout.apply(x, self.p)
+        return super().forward(x)
+
+
+class _DropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, p):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, nh, T_q, T_k)
+        if mask is not None:
+            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        drop, p_used = drop_mask(probs.shape, p, probs.device)
+        dropped = probs.masked_fill(drop, 0.0)
+        out = torch.matmul(dropped, v).mul_(1.0 / (1.0 - p_used))
+        ctx.save_for_backward(q, k, v, probs, dropped, drop)  # keeping `dropped` beats redrawing it in backward
+        ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p_used)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs, dropped, drop = ctx.saved_tensors
+        grad_out = grad_out * ctx.keep_scale
+        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        del grad_probs
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def dropout_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), masked) with dropout, times v. Shapes as SDPA; `mask` is boolean, True = attend.
+
+    Every query row must be allowed at least one key (true of padding masks, whose [CLS] is always real).
+    """
+    return _DropoutAttention.apply(q, k, v, mask, dropout_p)
