@@ -139,6 +139,13 @@ def glue_sweep_command(args) -> int:
     return 0
 
 
+def glue_table_command(args) -> int:
+    from roformer.glue_table import format_glue_table
+
+    print(format_glue_table(args.roots))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_root", default="runs/glue_sweep", help="runs go to <root>/<task>/lr<lr>_seed<seed>")
     p.add_argument("overrides", nargs="*", help="dotted key=value pairs applied to every run")
     p.set_defaults(func=glue_sweep_command)
+
+    p = sub.add_parser("glue-table", help="headline dev metrics of finished GLUE runs, one row per run root")
+    p.add_argument("roots", nargs="+", help="directories holding <task>/eval_results.json")
+    p.set_defaults(func=glue_table_command)
 
     p = sub.add_parser("compare", help="table and plot of run directories")
     p.add_argument("runs", nargs="+", help="run directories (output_dir of each run)")

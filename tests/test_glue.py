@@ -490,3 +490,19 @@ def test_sweep_fine_tunes_in_process(tmp_path):
     cfg = load_config(run / "config.yaml")
     assert (cfg.train.learning_rate, cfg.train.seed) == (3e-5, 7)
     assert results["wnli"].best()[0] == 3e-5
+
+
+def test_glue_table_lists_each_runs_headline_metrics(tmp_path, capsys):
+    for run, task, results in [
+        ("rotary", "mrpc", {"eval/accuracy": 0.70, "eval/f1": 0.8123}),
+        ("rotary", "cola", {"eval/mcc": 0.05}),
+        ("scratch", "mrpc", {"eval/accuracy": 0.68, "eval/f1": 0.80}),
+    ]:
+        (tmp_path / run / task).mkdir(parents=True)
+        (tmp_path / run / task / "eval_results.json").write_text(json.dumps({"step": 10, **results}))
+    assert main(["glue-table", str(tmp_path / "rotary"), str(tmp_path / "scratch")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| run | cola mcc | mrpc f1 |"  # GLUE's task order, headline metric of each
+    assert lines[2:] == ["| rotary | 5.0 | 81.2 |", "| scratch | - | 80.0 |"]
+    assert main(["glue-table", str(tmp_path / "missing")]) == 2
+    assert "missing: no such directory" in capsys.readouterr().err
