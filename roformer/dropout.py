@@ -5,7 +5,7 @@ falls back to composite maths: a "safe" softmax (three extra passes over the (B,
 Bernoulli draw per weight (a tenth of a BERT-base training step on CPU), a float mask multiply, and autograd
 keeps the scores, the weights, the mask and the dropped weights for backward. Here forward keeps the softmax
 weights, the dropped weights and the drop mask (one byte per weight), and the mask comes from 16-bit random
-integers, several times cheaper to draw than Bernoulli floats. `Dropout` uses the same masks for activations.
+integers (four per 64-bit draw), several times cheaper than Bernoulli floats. `Dropout` uses the same masks for activations.
 
 The drop probability is therefore quantised to 1/65536 (0.1 becomes 0.100006), the way fused GPU kernels
 quantise it to 8 bits; outputs are scaled by 1/(1 - that probability), so expectations stay exact.
@@ -22,9 +22,13 @@ _LEVELS = 1 << 16
 
 
 def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A boolean mask, True (dropped) with probability p' = round(p * 65536) / 65536; returns it and p'."""
+    """A boolean mask, True (dropped) with probability p' = round(p * 65536) / 65536; returns it and p'.
+
+    Each full-range 64-bit draw is cut into four 16-bit ones: a quarter of the generator calls."""
+    count = math.prod(shape)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    draws = words.view(torch.int16)[:count].view(shape)
     threshold = round(p * _LEVELS)
-    draws = torch.randint(-(_LEVELS // 2), _LEVELS // 2, shape, dtype=torch.int16, device=device)
     return draws < threshold - _LEVELS // 2, threshold / _LEVELS
 
 

@@ -304,6 +304,8 @@ def test_drop_mask_rate_and_unbiased_output():
     drop, p = drop_mask((1000, 1000), 0.1, torch.device("cpu"))
     assert abs(p - 0.1) < 1e-5  # quantised to 1/65536
     assert abs(drop.float().mean().item() - p) < 2e-3  # 1e6 draws: the standard error is 3e-4
+    lanes = drop.view(-1, 4).float().mean(dim=0)  # each 16-bit quarter of a 64-bit draw, sign bit included
+    assert (lanes - p).abs().max() < 4e-3, lanes
     v = torch.randn(1, 1, 64, 16)
     q, k = torch.zeros(1, 1, 2000, 16), torch.zeros(1, 1, 64, 16)  # uniform weights 1/64 over the keys
     out = dropout_attention(q, k, v, None, 0.1)
