@@ -5,7 +5,8 @@ falls back to composite maths: a "safe" softmax (three extra passes over the (B,
 Bernoulli draw per weight (a tenth of a BERT-base training step on CPU), a float mask multiply, and autograd
 keeps the scores, the weights, the mask and the dropped weights for backward. Here forward keeps the softmax
 weights, the dropped weights and the drop mask (one byte per weight), and the mask comes from 16-bit random
-integers (four per 64-bit draw), several times cheaper than Bernoulli floats. `Dropout` uses the same masks for activations.
+integers (four per 64-bit draw), several times cheaper than Bernoulli floats. `Dropout` uses the same masks
+for activations.
 
 The drop probability is therefore quantised to 1/65536 (0.1 becomes 0.100006), the way fused GPU kernels
 quantise it to 8 bits; outputs are scaled by 1/(1 - that probability), so expectations stay exact.
