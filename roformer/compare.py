@@ -37,13 +37,22 @@ def _last(rows: list[dict], key: str):
     return values[-1] if values else None
 
 
+def scheme_label(config: dict) -> str:
+    """The position scheme, and the attention when it is not softmax (e.g. "rotary, linear-elu attention")."""
+    model = config.get("model", {})
+    label = model.get("position", "?")
+    if model.get("attention", "softmax") != "softmax":
+        label += f", {model['attention']}-{model.get('linear_feature_map', '?')} attention"
+    return label
+
+
 def summary_row(run: dict) -> dict:
-    rows, model = run["rows"], run["config"].get("model", {})
+    rows = run["rows"]
     speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
     row = {
         "run": run["name"],
-        "scheme": model.get("position", "?"),
+        "scheme": scheme_label(run["config"]),
         "steps": max((r["step"] for r in rows), default=0),
         "tokens/s": sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None),
     }
@@ -79,7 +88,7 @@ def plot_runs(runs: list[dict], out: str | Path, keys=("train/loss", "eval/loss"
     fig, axes = plt.subplots(2, len(present), figsize=(6 * len(present), 8), squeeze=False)
     for col, key in enumerate(present):
         for run in runs:
-            label = f"{run['name']} ({run['config'].get('model', {}).get('position', '?')})"
+            label = f"{run['name']} ({scheme_label(run['config'])})"
             steps, values = series(run["rows"], key)
             axes[0][col].plot(steps, values, label=label)
             tokens = _tokens_at(run["rows"], steps)
@@ -125,7 +134,7 @@ def steps_table(runs: list[dict], steps: list[int], keys=("eval/loss", "eval/mlm
     """Per scheme, the metrics at fixed steps: the mean over the runs (seeds) and, with several, their range."""
     by_scheme: dict[str, list[dict]] = {}
     for run in runs:
-        by_scheme.setdefault(run["config"].get("model", {}).get("position", "?"), []).append(run)
+        by_scheme.setdefault(scheme_label(run["config"]), []).append(run)
     table = []
     for scheme, group in by_scheme.items():
         row = {"scheme": scheme, "runs": len(group)}

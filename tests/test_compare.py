@@ -9,10 +9,11 @@ from roformer.cli import main
 from roformer.compare import compare_runs
 
 
-def make_run(root, name, scheme, losses):
+def make_run(root, name, scheme, losses, attention="softmax"):
     run = root / name
-    run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"position": scheme}}))
+    run.mkdir(parents=True)
+    model = {"position": scheme, "attention": attention, "linear_feature_map": "elu"}
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model}))
     rows = []
     for step, loss in losses:
         rows.append({"step": step, "train/loss": loss + 0.5, "train/tokens": step * 100, "train/tokens_per_s": 1000.0})
@@ -32,6 +33,16 @@ def test_table_plot_and_fixed_step_means(tmp_path):
     assert "| rotary | 2 | 3.5000 (3.0000-4.0000) |" in table  # mean and range over the two seeds
     assert "| learned | 1 | 5.0000 |" in table
     assert (tmp_path / "curves.png").stat().st_size > 20_000
+
+
+def test_linear_attention_runs_are_grouped_apart_from_softmax(tmp_path):
+    runs = [
+        make_run(tmp_path / "softmax", "rotary_seed1", "rotary", [(100, 4.0)]),
+        make_run(tmp_path / "linear", "rotary_seed1", "rotary", [(100, 5.0)], attention="linear"),
+    ]
+    table = compare_runs(runs, at_steps=[100])
+    assert "| rotary | 1 | 4.0000 |" in table
+    assert "| rotary, linear-elu attention | 1 | 5.0000 |" in table
 
 
 def test_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):
