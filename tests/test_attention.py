@@ -31,6 +31,14 @@ MASKS = {
 }
 
 
+def assert_same_values_and_grads(actual, expected, inputs):
+    """Equal outputs, and equal gradients of the inputs for one random upstream gradient."""
+    assert_close(actual, expected)
+    grad = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad(actual, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        assert_close(a, e)
+
+
 def _rope(length: int, head_dim: int = 8, pairing: str = "interleaved", offset: int = 0) -> Rope:
     cos, sin = rope_cos_sin(torch.arange(offset, offset + length), rope_inv_freq(head_dim), pairing)
     return Rope(cos, sin, pairing)
@@ -121,10 +129,7 @@ def test_chunked_attention_equals_sdpa(mask_name):
     mask = MASKS[mask_name]()
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     actual = chunked_attention(q, k, v, mask, 0.0, chunk_size=4)  # 4 does not divide T = 9
-    assert_close(actual, expected)
-    grad = torch.randn_like(expected)
-    for a, e in zip(torch.autograd.grad(actual, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
-        assert_close(a, e)
+    assert_same_values_and_grads(actual, expected, (q, k, v))
 
 
 def test_chunked_attention_backward_replays_the_dropout_mask():
@@ -283,10 +288,7 @@ def test_dropout_attention_is_sdpa_with_the_drawn_mask(mask_name):
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     expected = (torch.softmax(scores, dim=-1).masked_fill(drop, 0.0) / (1 - p)) @ v
-    assert_close(actual, expected)
-    grad = torch.randn_like(expected)
-    for a, e in zip(torch.autograd.grad(actual, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
-        assert_close(a, e)
+    assert_same_values_and_grads(actual, expected, (q, k, v))
 
 
 def test_dropout_attention_without_dropout_is_sdpa():
@@ -294,9 +296,7 @@ def test_dropout_attention_without_dropout_is_sdpa():
     mask = MASKS["padding"]()
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     actual = dropout_attention(q, k, v, mask, 0.0)
-    assert_close(actual, expected)
-    for a, e in zip(torch.autograd.grad(actual.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
-        assert_close(a, e)
+    assert_same_values_and_grads(actual, expected, (q, k, v))
 
 
 def test_drop_mask_rate_and_unbiased_output():
