@@ -87,7 +87,7 @@ def eager_attention(
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, chunk_size: int
 ) -> torch.Tensor:
-    """SDPA over chunks of queries, each recomputed in backward instead of storing its weights. Shapes as SDPA.
+    """`dropout_attention` over chunks of queries, each recomputed in backward instead of storing its weights.
 
     torch has no fused CPU kernel that applies attention dropout, and its fallback keeps every layer's
     (B, nh, T_q, T_k) weights and dropout mask for backward: 1.2 GB per layer at 8 heads x 4096 tokens. Here one

@@ -3,7 +3,7 @@
 torch has no fused CPU kernel that applies attention dropout, so `scaled_dot_product_attention(dropout_p>0)`
 falls back to composite maths: a "safe" softmax (three extra passes over the (B, nh, T_q, T_k) weights), a
 Bernoulli draw per weight (a tenth of a BERT-base training step on CPU), a float mask multiply, and autograd
-keeps the scores, the weights, the mask and the dropped weights for backward. Here forward keeps the softmax
+keeps several (B, nh, T_q, T_k) tensors for backward (weights, mask, dropped weights). Here forward keeps the softmax
 weights, the dropped weights and the drop mask (one byte per weight), and the mask comes from 16-bit random
 integers (four per 64-bit draw), several times cheaper than Bernoulli floats. `Dropout` uses the same masks
 for activations.
