@@ -3,10 +3,10 @@
 torch has no fused CPU kernel that applies attention dropout, so `scaled_dot_product_attention(dropout_p>0)`
 falls back to composite maths: a "safe" softmax (three extra passes over the (B, nh, T_q, T_k) weights), a
 Bernoulli draw per weight (a tenth of a BERT-base training step on CPU), a float mask multiply, and autograd
-keeps several (B, nh, T_q, T_k) tensors for backward (weights, mask, dropped weights). Here forward keeps the softmax
-weights, the dropped weights and the drop mask (one byte per weight), and the mask comes from 16-bit random
-integers (four per 64-bit draw), several times cheaper than Bernoulli floats. `Dropout` uses the same masks
-for activations.
+keeps the weights, the mask and the dropped weights for backward. Here the softmax is a plain one (every query
+row has a real key), backward is written out with the same three saved tensors, and the mask comes from 16-bit
+random integers (four per 64-bit draw), several times cheaper than Bernoulli floats. `Dropout` uses the same
+masks for activations.
 
 The drop probability is therefore quantised to 1/65536 (0.1 becomes 0.100006), the way fused GPU kernels
 quantise it to 8 bits; outputs are scaled by 1/(1 - that probability), so expectations stay exact.
@@ -67,10 +67,9 @@ class _DropoutAttention(torch.autograd.Function):
         del scores
         drop, p_used = drop_mask(probs.shape, p, probs.device)
         dropped = probs.masked_fill(drop, 0.0)
-        out = torch.matmul(dropped, v).mul_(1.0 / (1.0 - p_used))
-        ctx.save_for_backward(q, k, v, probs, dropped, drop)  # keeping `dropped` beats redrawing it in backward
         ctx.scale, ctx.keep_scale = scale, 1.0 / (1.0 - p_used)
-        return out
+        ctx.save_for_backward(q, k, v, probs, dropped, drop)  # keeping `dropped` beats redrawing it in backward
+        return torch.matmul(dropped, v).mul_(ctx.keep_scale)
 
     @staticmethod
     def backward(ctx, grad_out):
