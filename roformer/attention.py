@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from roformer.config import ModelConfig
+from roformer.derived import derived
 from roformer.dropout import dropout_attention
 from roformer.positions import NO_ROPE, Rope, _NoRope
 
@@ -84,6 +85,24 @@ def eager_attention(
     return F.dropout(weights, p=dropout_p) @ v, weights
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """Attention of one new query per row (a decoding step) as two batched matrix products.
+
+    q: (B * G, nh, 1, hs); k, v: (B, nh, T_k, hs); mask broadcasts to (B, nh, 1, T_k). Each row of keys serves
+    G consecutive query rows: the G beams of a sentence read one copy of its source (G is 1 in self-attention).
+    Grouped, the beams become G queries of one product: a quarter of the tiny matrix products at beam 4, where
+    SDPA's CPU kernel would spend more on setting up blocks than on a (1, T_k) row of scores per head.
+    """
+    rows, heads, _, size = k.shape
+    groups = q.shape[0] // rows
+    q = q.reshape(rows, groups, heads, size).transpose(1, 2)  # (B, nh, G, hs)
+    scores = (q * size**-0.5) @ k.transpose(-2, -1)  # (B, nh, G, T_k)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    out = scores.softmax(dim=-1) @ v  # (B, nh, G, hs)
+    return out.transpose(1, 2).reshape(rows * groups, heads, 1, size)
+
+
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, chunk_size: int
 ) -> torch.Tensor:
@@ -117,6 +136,12 @@ class MultiHeadAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q, k and v weights and biases stacked, for one matrix product. Checkpoints keep the three separate
+        (interop with transformers); decoding keeps the stack between steps instead of redoing it per token."""
+        parts = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        return derived(self, "_qkv", parts, lambda: (torch.cat(parts[:3]), torch.cat(parts[3:])))
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hs)
 
@@ -124,9 +149,7 @@ class MultiHeadAttention(nn.Module):
         """Queries, keys and values before rotation, as (B, nh, T, hs); keys and values are None when a static
         cache already holds the source's."""
         if not self.cross and queries is None:  # self-attention: one matrix product for q, k and v
-            weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-            bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-            return tuple(self._heads(t) for t in F.linear(x, weight, bias).chunk(3, dim=-1))
+            return tuple(self._heads(t) for t in F.linear(x, *self._fused_qkv()).chunk(3, dim=-1))
         q = self._heads(self.query(x if queries is None else queries.gather(x)))
         if cache is not None and cache.static and cache.key is not None:
             return q, None, None  # the source's keys, computed at the first decoding step
@@ -162,6 +185,9 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q, k, v, mask, need_weights):
         dropout_p = self.dropout if self.training else 0.0
+        decoding_step = q.shape[-2] == 1 and not need_weights and not torch.is_grad_enabled()
+        if decoding_step and (q.device.type == "cpu" or q.shape[0] != k.shape[0]):  # CPU, or beams sharing a source
+            return single_query_attention(q, k, v, mask), None
         if self.impl == "eager" or need_weights:
             return eager_attention(q, k, v, mask, dropout_p)
         if dropout_p > 0 and q.device.type == "cpu" and torch.is_grad_enabled():  # no fused kernel: ours is leaner

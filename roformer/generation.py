@@ -40,7 +40,12 @@ class Hypotheses:
 
 
 class _Decoder:
-    """One decoder step for the live rows, with the KV cache (only the newest token goes in) or without it."""
+    """One decoder step for the live rows, with the KV cache (only the newest token goes in) or without it.
+
+    The source side (memory, its padding mask, the cross-attention keys/values) is kept once per sentence and the
+    decoder's own state once per hypothesis: with the cache, the K beams of a sentence attend to one copy of its
+    source (`single_query_attention` groups them), so beams never copy or reorder it.
+    """
 
     def __init__(self, model, memory: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool):
         self.model, self.memory, self.mask = model, memory, attention_mask
@@ -49,24 +54,29 @@ class _Decoder:
         self.caches = model.new_caches() if use_cache else None
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (N, t), BOS first. Returns the next-token log-probs (N, V) in float32."""
-        inputs = tokens[:, -1:] if self.caches is not None else tokens
-        logits = self.model.decode(inputs, self.memory, self.mask, self.caches)[:, -1]
+        """tokens: (N, t), BOS first, N a multiple of the live sentences. Returns next-token log-probs (N, V)."""
+        if self.caches is not None:
+            logits = self.model.decode(tokens[:, -1:], self.memory, self.mask, self.caches)[:, -1]
+        else:  # the uncached reference recomputes everything, the source's keys too: one memory row per hypothesis
+            beams = tokens.shape[0] // self.memory.shape[0]
+            memory, mask = self.memory.repeat_interleave(beams, 0), self.mask.repeat_interleave(beams, 0)
+            logits = self.model.decode(tokens, memory, mask)[:, -1]
         return logits.float().log_softmax(-1)
 
     def reorder_beams(self, rows: torch.Tensor) -> None:
-        """Rows moved within their sentence's beam: only the decoder's own keys/values change (the source's
-        keys/values and memory are the same for every beam of a sentence)."""
+        """Hypotheses moved within their sentence's beam (`rows` indexes the hypotheses): only the decoder's own
+        keys/values follow."""
         if self.caches is not None:
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop the rows of finished sentences (and reorder the rest): every per-row state follows."""
-        self.memory, self.mask = self.memory.index_select(0, rows), self.mask.index_select(0, rows)
+    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
+        """Keep the hypotheses `rows` (in their new order) and the source state of `sentences`; drop the rest."""
+        self.memory, self.mask = self.memory.index_select(0, sentences), self.mask.index_select(0, sentences)
         if self.caches is not None:
             for cache in self.caches:
-                cache.reorder(rows)
+                cache.self_attn.reorder(rows)
+                cache.cross_attn.reorder(sentences)
 
 
 def max_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int, a: float, b: int) -> torch.Tensor:
@@ -137,7 +147,7 @@ def greedy_search(
         if ended.any():
             rows = (~ended).nonzero()[:, 0]
             tokens, scores, alive = tokens[rows], scores[rows], alive[rows]
-            decoder.keep(rows)
+            decoder.keep(rows, rows)
     return Hypotheses(out_tokens, out_scores)
 
 
@@ -173,11 +183,11 @@ def beam_search(
         n = alive.numel()
         lprobs = decoder.log_probs(tokens)
         if step == 0:
-            # every beam starts from BOS: decode it once per sentence (the source's cross-attention keys/values
-            # too), then give each of the K beams its copy of the state
+            # every beam starts from BOS: decode it once per sentence, then give each of the K beams its copy of
+            # the decoder state (the source's stays shared)
             rows = torch.arange(batch, device=device).repeat_interleave(k)
             lprobs, tokens = lprobs[rows], tokens[rows]
-            decoder.keep(rows)
+            decoder.keep(rows, torch.arange(batch, device=device))
         lprobs = _constrain(lprobs.view(n, k, -1), step, max_len[alive], min_length, ids)
         vocab = lprobs.shape[-1]
         cand_scores, cand = (scores[:, :, None] + lprobs).view(n, -1).topk(2 * k, dim=1)  # (n, 2K)
@@ -204,7 +214,7 @@ def beam_search(
             kept = (~done).nonzero()[:, 0]
             kept_rows = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)
             tokens, scores, alive = tokens[kept_rows], scores[kept], alive[kept]
-            decoder.keep(source_rows[kept_rows])
+            decoder.keep(source_rows[kept_rows], kept)
         else:
             decoder.reorder_beams(source_rows)
 

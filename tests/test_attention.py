@@ -6,7 +6,13 @@ from torch.testing import assert_close
 
 import roformer
 import roformer.attention
-from roformer.attention import KVCache, MultiHeadAttention, chunked_attention, eager_attention
+from roformer.attention import (
+    KVCache,
+    MultiHeadAttention,
+    chunked_attention,
+    eager_attention,
+    single_query_attention,
+)
 from roformer.dropout import drop_mask, dropout_attention
 from roformer.modeling import causal_mask, combine_masks, padding_mask
 from roformer.positions import NO_ROPE, Rope, rope_cos_sin, rope_inv_freq
@@ -123,6 +129,22 @@ def test_eager_attention_is_softmax_of_scaled_scores():
     assert_close(out, expected @ v)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_single_query_attention_equals_sdpa_on_repeated_keys(groups, padded):
+    """One query per row; each row of keys serves `groups` consecutive query rows (the beams of one sentence)."""
+    q = torch.randn(B * groups, 4, 1, 8)
+    k, v = torch.randn(2, B, 4, T, 8).unbind(0)
+    mask = padding_mask(_padding()) if padded else None
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(groups, 0),
+        v.repeat_interleave(groups, 0),
+        attn_mask=None if mask is None else mask.repeat_interleave(groups, 0),
+    )
+    assert_close(single_query_attention(q, k, v, mask), expected)
+
+
 @pytest.mark.parametrize("mask_name", list(MASKS))
 def test_chunked_attention_equals_sdpa(mask_name):
     q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
@@ -211,6 +233,28 @@ def test_incremental_decoding_matches_teacher_forcing(tiny_config, overrides):
     assert_close(torch.cat([prompt, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
     assert all(c.self_attn.length == 8 for c in caches)
     assert all(c.cross_attn.length == 7 for c in caches)  # the source's keys, computed once
+
+
+def test_beams_decode_against_one_copy_of_the_source(tiny_config):
+    """With the cache, K hypotheses per sentence may share a sentence's memory and cross-attention keys: the
+    logits equal decoding every hypothesis against its own copy."""
+    model, beams = _seq2seq(tiny_config), 3
+    source = torch.randint(1, 97, (B, 7))
+    source_mask = torch.ones_like(source)
+    source_mask[1, 4:] = 0
+    target = torch.randint(1, 97, (B * beams, 5))
+    target[:, 0] = 1  # every hypothesis starts from the same BOS
+    with torch.no_grad():
+        memory = model.encode(source, source_mask)
+        expected = model.decode(target, memory.repeat_interleave(beams, 0), source_mask.repeat_interleave(beams, 0))
+        caches = model.new_caches()
+        first = model.decode(target[::beams, :1], memory, source_mask, caches)  # one BOS step per sentence
+        for cache in caches:
+            cache.self_attn.reorder(torch.arange(B).repeat_interleave(beams))
+        steps = [model.decode(target[:, t : t + 1], memory, source_mask, caches) for t in range(1, 5)]
+    assert_close(first, expected[::beams, :1], atol=1e-5, rtol=1e-5)
+    assert_close(torch.cat(steps, dim=1), expected[:, 1:], atol=1e-5, rtol=1e-5)
+    assert all(c.cross_attn.key.shape[0] == B for c in caches)
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear"])

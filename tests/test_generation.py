@@ -42,6 +42,7 @@ class EndsAtVaryingLengths(torch.nn.Module):
         logits = self.model.decode(decoder_input_ids, memory, attention_mask, caches)
         positions = torch.arange(past, past + decoder_input_ids.shape[1], dtype=logits.dtype)  # (T,)
         rate = 6.0 * torch.sigmoid(memory[:, 0, :1])  # (B, 1): each sentence ends at its own pace
+        rate = rate.repeat_interleave(logits.shape[0] // rate.shape[0], 0)  # the beams of a sentence share its memory
         logits[..., IDS["eos_id"]] += rate * (positions + 1) - 12.0
         return logits
 
