@@ -190,7 +190,7 @@ def beam_search(
             decoder.keep(rows, torch.arange(batch, device=device))
         lprobs = _constrain(lprobs.view(n, k, -1), step, max_len[alive], min_length, ids)
         vocab = lprobs.shape[-1]
-        cand_scores, cand = (scores[:, :, None] + lprobs).view(n, -1).topk(2 * k, dim=1)  # (n, 2K)
+        cand_scores, cand = lprobs.add_(scores[:, :, None]).view(n, -1).topk(2 * k, dim=1)  # (n, 2K)
         cand_beams, cand_tokens = cand // vocab, cand % vocab
         is_eos = cand_tokens.eq(eos_id)
 

@@ -12,6 +12,7 @@ RoPE (Su et al. 2021, eq. 34): each pair of head dims is rotated by m * theta_i,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -106,18 +107,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairing: s
 
     x: (B, nh, T, d); cos, sin: (T, d) or (B, T, d).
     """
+    if pairing == "interleaved":
+        return rotate_as_complex(x, complex_rotation(cos, sin))
     if cos.dim() == 3:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d) broadcasts over heads
     x32 = x.float()
-    if pairing == "interleaved":
-        # Adjacent pairs are complex numbers x[2i] + i x[2i+1], and the rotation is a product with e^{i m theta_i}:
-        # one kernel forward and one backward instead of five (a tenth of a training step on CPU otherwise).
-        if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
-            x32 = x32.clone(memory_format=torch.contiguous_format)  # a complex view needs whole pairs in memory
-        rotation = torch.complex(cos[..., 0::2], sin[..., 0::2])  # (T, d/2) or (B, 1, T, d/2)
-        pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
     return (x32 * cos + rotate_pairs(x32, pairing) * sin).to(x.dtype)
+
+
+def complex_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """e^{i m theta_j} for each interleaved pair: (T, d/2), or (B, 1, T, d/2) from per-row (B, T, d) angles."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcasts over heads
+    return torch.complex(cos[..., 0::2], sin[..., 0::2])
+
+
+def rotate_as_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE as a complex product: adjacent pairs are complex numbers x[2j] + i x[2j+1]. One kernel
+    forward and one backward instead of five (a tenth of a training step on CPU otherwise)."""
+    x32 = x.float()
+    if x32.stride(-1) != 1 or x32.storage_offset() % 2 or any(st % 2 for st in x32.stride()[:-1]):
+        x32 = x32.clone(memory_format=torch.contiguous_format)  # a complex view needs whole pairs in memory
+    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +146,14 @@ class Rope:
     pairing: str
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pairing == "interleaved":
+            return rotate_as_complex(x, self.rotation)
         return apply_rope(x, self.cos, self.sin, self.pairing)
+
+    @functools.cached_property
+    def rotation(self) -> torch.Tensor:
+        """The complex form of the interleaved angles, built once for every q and k of every layer."""
+        return complex_rotation(self.cos, self.sin)
 
     def select(self, index: torch.Tensor) -> Rope:
         """The angles of the positions in `index` (B, M) of each sequence: (B, M, d) cos and sin."""
@@ -212,9 +231,15 @@ class SinusoidalPositions(PositionScheme):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.dim = cfg.embedding_dim
+        self._table: torch.Tensor | None = None  # rows 0..n-1 of the table: a plain attribute, not saved
 
     def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        table = sinusoidal_table(int(position_ids.max()) + 1, self.dim).to(embeddings.device)
+        needed = int(position_ids.max()) + 1
+        table = self._table
+        if table is None or table.shape[0] < needed or table.device != embeddings.device:
+            # kept and grown by doubling: decoding asks for one more position at every step
+            rows = max(needed, 2 * table.shape[0] if table is not None else 0)
+            table = self._table = sinusoidal_table(rows, self.dim).to(embeddings.device)
         return embeddings + table[position_ids].to(embeddings.dtype)
 
 
