@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import sacrebleu
 import torch
+from accelerate import Accelerator
 from safetensors.torch import save_model
 from torch.testing import assert_close
 
@@ -19,6 +22,7 @@ from roformer.checkpointing import average_checkpoints
 from roformer.cli import main
 from roformer.config import TrainConfig, TranslationDataConfig, load_config
 from roformer.errors import DataError
+from roformer.modeling import load_pretrained
 from roformer.tasks.translation import (
     PairCollator,
     TokenArrays,
@@ -394,3 +398,53 @@ def test_short_multi30k_run_lowers_the_validation_loss(tmp_path, capsys):
     )
     assert (run / "final" / "tokenizer.json").read_text() == (run / "tokenizer" / "tokenizer.json").read_text()
     assert "averaged the weights of 2 checkpoints: step_40, step_60" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_multi30k
+def test_two_process_evaluation_equals_one_process_on_the_same_weights(tmp_path):
+    """gloo DDP on CPU: each process decodes its share of the dev and test batches and the main process gathers
+    them. The translations and scores must be those of one process decoding every batch with the same weights:
+    none lost, none twice (accelerate pads the last round with repeated batches), and in the original order."""
+    run = tmp_path / "two"
+    overrides = [
+        f"data.train_prefix={MULTI30K / 'train'}",
+        f"data.valid_prefix={MULTI30K / 'val'}",
+        f"data.test_prefix={MULTI30K / 'test_2016_flickr'}",
+        "data.max_train_samples=300",
+        "data.max_eval_samples=37",  # 7 batches of at most 200 tokens: they do not split evenly over two processes
+        "data.max_tokens=200",
+        "data.bpe_vocab_size=500",
+        "model.hidden_size=32",
+        "model.intermediate_size=64",
+        "model.num_layers=1",
+        "model.num_decoder_layers=1",
+        "train.max_steps=4",
+        "train.learning_rate=3e-3",
+        "train.warmup_steps=2",
+        "train.eval_every=100",
+        "train.save_every=100",
+        "train.average_checkpoints=1",
+    ]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--main_process_port", "29534", "scripts/train_translation.py", "--config", str(RECIPE)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*launcher, *overrides, f"output_dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((run / "eval_results.json").read_text())
+
+    cfg = load_config(RECIPE, [*overrides, f"output_dir={tmp_path / 'one'}", f"data.tokenizer={run / 'final'}"])
+    task, accelerator = TranslationTask(cfg), Accelerator(cpu=True)
+    task.setup(accelerator, tmp_path / "one")
+    model = load_pretrained(run / "final").eval()
+    one = task.final_evaluation(model, task.eval_dataloader(), accelerator, tmp_path / "one")
+
+    assert len(task.eval_dataloader()) % 2 == 1
+    for name in ("valid", "test"):
+        expected = (tmp_path / "one" / f"{name}_translations.de").read_text(encoding="utf-8").splitlines()
+        assert (run / f"{name}_translations.de").read_text(encoding="utf-8").splitlines() == expected
+        assert len(expected) == 37
+    for key in ("eval/loss", "eval/nll_loss", "eval/bleu", "test/loss", "test/bleu", "test/tok_bleu"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
