@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from roformer import ModelConfig, RoFormerForSeq2SeqLM
-from roformer.generation import beam_search, generate, greedy_search
+from roformer.generation import NEG_INF, beam_search, generate, greedy_search, topk_by_blocks
 from roformer.modeling import ModelOutput
 
 IDS = dict(bos_id=1, eos_id=2, pad_id=0)
@@ -175,3 +175,19 @@ def test_length_limits():
         assert all(len(t) == 5 for t in exact.tokens)
         specials = {IDS["pad_id"], IDS["bos_id"], IDS["eos_id"]}
         assert not any(specials & set(t) for t in capped.tokens + exact.tokens)
+
+
+@pytest.mark.parametrize("width", [32000, 32000 + 77, 500])
+def test_topk_by_blocks_equals_topk(width):
+    """Wide rows (a multiple of the block, not a multiple, narrower than k blocks), with the row's best entries
+    crowded into one block and spread over many."""
+    scores = torch.randn(6, width)
+    scores[0, 256:264] += 10.0  # all eight winners in one block
+    scores[1, ::4000] += 10.0  # one winner per block
+    scores[2, -3:] += 10.0  # winners in the padded last block
+    scores[3, 5:] = NEG_INF  # few finite entries
+    expected_values, expected_index = scores.topk(8, dim=1)
+    values, index = topk_by_blocks(scores, 8)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(index[[0, 1, 2, 4, 5]], expected_index[[0, 1, 2, 4, 5]])
+    assert torch.equal(scores.gather(1, index), values)  # -inf ties may pick other columns, of equal value
