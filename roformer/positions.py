@@ -156,9 +156,14 @@ class Rope:
         return complex_rotation(self.cos, self.sin)
 
     def select(self, index: torch.Tensor) -> Rope:
-        """The angles of the positions in `index` (B, M) of each sequence: (B, M, d) cos and sin."""
+        """The angles of the positions in `index`: (B, M) for each sequence, giving (B, M, d) cos and sin; or (T,)
+        of a table of positions, giving (T, d)."""
         if self.cos.dim() == 2:
-            return Rope(self.cos[index], self.sin[index], self.pairing)
+            selected = Rope(self.cos[index], self.sin[index], self.pairing)
+            if "rotation" in self.__dict__:  # built already: index it instead of building it again
+                rotation = self.rotation[index]
+                selected.__dict__["rotation"] = rotation.unsqueeze(1) if index.dim() == 2 else rotation
+            return selected
         rows = index.unsqueeze(-1).expand(-1, -1, self.cos.shape[-1])
         return Rope(self.cos.gather(1, rows), self.sin.gather(1, rows), self.pairing)
 
@@ -209,14 +214,26 @@ class RotaryPositions(PositionScheme):
         self.scaling = cfg.rope_scaling
         self.factor = cfg.rope_scaling_factor
         self.original_max_len = cfg.max_position_embeddings
+        self._table: Rope | None = None  # the angles of positions 0..n-1: a plain attribute, not saved
 
     def rope(self, position_ids: torch.Tensor) -> Rope:
         seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if self.scaling == "dynamic_ntk" or seq_len == 0:  # frequencies that follow the length: no fixed table
+            return self._angles(position_ids, seq_len)
+        table = self._table
+        if table is None or table.cos.shape[0] < seq_len or table.cos.device != position_ids.device:
+            # kept and grown by doubling: decoding asks for one more position at every step
+            rows = max(seq_len, 2 * table.cos.shape[0] if table is not None else 0)
+            table = self._table = self._angles(torch.arange(rows, device=position_ids.device), rows)
+            if self.pairing == "interleaved":
+                table.rotation  # noqa: B018 -- built once here, then indexed by every select
+        return table.select(position_ids)
+
+    def _angles(self, position_ids: torch.Tensor, seq_len: int) -> Rope:
         inv_freq, scale = scaled_inv_freq(
             self.head_dim, self.base, self.scaling, self.factor, self.original_max_len, seq_len
         )
-        cos, sin = rope_cos_sin(position_ids, inv_freq, self.pairing, scale)
-        return Rope(cos, sin, self.pairing)
+        return Rope(*rope_cos_sin(position_ids, inv_freq, self.pairing, scale), self.pairing)
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:

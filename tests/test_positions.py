@@ -241,6 +241,22 @@ def test_linear_scaling_at_f_times_m_equals_unscaled_at_m(tiny_config, factor):
     assert_close(a.sin, b.sin)
 
 
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("scaling", ["none", "yarn"])
+def test_kept_angle_table_equals_computing_the_angles(tiny_config, pairing, scaling):
+    """The scheme keeps a growing table of angles; every lookup, one position at a time as in decoding, a longer
+    range that grows the table, or per-row ids, equals the angles computed for those positions."""
+    rotary = RotaryPositions(tiny_config(rotary_pairing=pairing, rope_scaling=scaling, rope_scaling_factor=2.0))
+    inv_freq, scale = scaled_inv_freq(rotary.head_dim, 10000.0, scaling, 2.0, rotary.original_max_len, 0)
+    x = torch.randn(2, 4, 1, rotary.head_dim)
+    for positions in [torch.arange(3), torch.tensor([3]), torch.tensor([4]), torch.arange(20), torch.tensor([[5, 1]])]:
+        cos, sin = rope_cos_sin(positions, inv_freq, pairing, scale)
+        rope = rotary.rope(positions)
+        assert torch.equal(rope.cos, cos) and torch.equal(rope.sin, sin)
+        rows = x.expand(-1, -1, positions.shape[-1], -1)
+        assert_close(rope.rotate(rows), apply_rope(rows, cos, sin, pairing))
+
+
 def test_scaling_factor_one_changes_nothing(tiny_config):
     positions = torch.arange(200)
     plain = _rotary(tiny_config, "none", 1.0).rope(positions)
