@@ -215,20 +215,21 @@ class Trainer:
             dynamic_ncols=True,
             disable=not acc.is_local_main_process,
         )
-        window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+        window_loss, window_terms, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
         micro = 0
         batches = self._micro_batches(train_dl)
         while self.state.step < tc.max_steps:
             batch = self.task.training_batch(next(batches), self.state.step)
             with acc.accumulate(model):
                 loss = self.task.loss(model, batch)
-                acc.backward(loss)
+                terms = self.task.loss_terms(batch)
+                acc.backward(loss * self._share_of_global_batch(terms))
                 if acc.sync_gradients and tc.max_grad_norm > 0:
                     acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item()
-            window_count += 1
+            window_loss += loss.detach().float().item() * terms
+            window_terms += terms
             window_tokens += self.task.count_tokens(batch)
             micro += 1
             if not acc.sync_gradients:
@@ -238,13 +239,14 @@ class Trainer:
             self.state.step += 1
             bar.update(1)
             step = self.state.step
-            self._check_finite(window_loss / window_count)
+            self._check_finite(window_loss / max(window_terms, 1))
 
             if step % tc.log_every == 0 or step == tc.max_steps:
                 elapsed = time.perf_counter() - window_start
                 tokens = int(acc.reduce(torch.tensor(window_tokens, device=acc.device), "sum").item())
                 self.state.tokens_seen += tokens
-                mean_loss = acc.reduce(torch.tensor(window_loss / window_count, device=acc.device), "mean").item()
+                loss_sum, terms_sum = acc.reduce(torch.tensor([window_loss, window_terms], device=acc.device), "sum")
+                mean_loss = (loss_sum / terms_sum.clamp_min(1)).item()  # per term over the window, all processes
                 self.log.log(
                     {
                         "train/loss": mean_loss,
@@ -256,7 +258,7 @@ class Trainer:
                     step,
                 )
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-                window_loss, window_count, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss, window_terms, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
             if step % tc.eval_every == 0 and step < tc.max_steps:
                 self._evaluate(step, tc.max_eval_batches)
             if step % tc.save_every == 0 and step < tc.max_steps:
@@ -267,6 +269,17 @@ class Trainer:
                 self._print(f"stopped at step {step}; checkpoint saved; continue with train.resume_from=latest")
                 break
         bar.close()
+
+    def _share_of_global_batch(self, terms: int) -> float:
+        """The factor on this process's mean loss that makes the update the mean over every term of the global
+        batch, as one process holding the whole batch would take it: number of processes x this process's share
+        of the terms (DDP then averages the gradients over processes). A process holding more masked tokens or
+        target tokens counts for more, as in fairseq. 1.0 in a single process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return 1.0
+        total = acc.reduce(torch.tensor(float(terms), device=acc.device), "sum").item()
+        return acc.num_processes * terms / max(total, 1.0)
 
     def _stop_requested(self, stop: StopRequested) -> bool:
         flag = torch.tensor(int(stop.requested), device=self.accelerator.device)

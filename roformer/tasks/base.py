@@ -45,6 +45,11 @@ class Task(ABC):
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms `loss` averages over in this batch: its labels, less those set to -100 (padding, unmasked
+        tokens). Several processes weight their means by it, so that a step is the mean over the global batch."""
+        return int(batch["labels"].ne(-100).sum())
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Real (non-padding) tokens in a batch, for tokens/s."""
         if "attention_mask" in batch:
