@@ -3,7 +3,8 @@
 Decoding runs the same layers once per generated token; rebuilding a stacked q/k/v weight or a transposed output
 matrix at every step costs more than some of the products themselves. `derived` keeps the result until one of
 its sources changes: moved to another device, reloaded, or updated in place by an optimizer (each bumps the
-tensor's version counter or storage). With autograd on it always rebuilds, so gradients reach the sources.
+tensor's version counter or storage). With autograd on it always rebuilds, so gradients reach the sources, and
+forgets what it kept.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object]):
     """build(), from `sources`, cached on `owner` under `name` while autograd is off and the sources are unchanged."""
     if torch.is_grad_enabled():
+        owner.__dict__.pop(name, None)  # training makes a kept copy stale: free its memory
         return build()
     stamp = tuple((t.data_ptr(), t._version) for t in sources)
     cached = owner.__dict__.get(name)

@@ -12,7 +12,6 @@ RoPE (Su et al. 2021, eq. 34): each pair of head dims is rotated by m * theta_i,
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -144,26 +143,24 @@ class Rope:
     cos: torch.Tensor
     sin: torch.Tensor
     pairing: str
+    rotation: torch.Tensor | None = None
+    """Interleaved pairs only: the angles as complex numbers, built on first use and shared by every q and k."""
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pairing == "interleaved":
-            return rotate_as_complex(x, self.rotation)
-        return apply_rope(x, self.cos, self.sin, self.pairing)
-
-    @functools.cached_property
-    def rotation(self) -> torch.Tensor:
-        """The complex form of the interleaved angles, built once for every q and k of every layer."""
-        return complex_rotation(self.cos, self.sin)
+        if self.pairing != "interleaved":
+            return apply_rope(x, self.cos, self.sin, self.pairing)
+        if self.rotation is None:
+            self.rotation = complex_rotation(self.cos, self.sin)
+        return rotate_as_complex(x, self.rotation)
 
     def select(self, index: torch.Tensor) -> Rope:
         """The angles of the positions in `index`: (B, M) for each sequence, giving (B, M, d) cos and sin; or (T,)
         of a table of positions, giving (T, d)."""
         if self.cos.dim() == 2:
-            selected = Rope(self.cos[index], self.sin[index], self.pairing)
-            if "rotation" in self.__dict__:  # built already: index it instead of building it again
-                rotation = self.rotation[index]
-                selected.__dict__["rotation"] = rotation.unsqueeze(1) if index.dim() == 2 else rotation
-            return selected
+            rotation = None
+            if self.rotation is not None:  # built already: index it instead of building it again
+                rotation = self.rotation[index].unsqueeze(1) if index.dim() == 2 else self.rotation[index]
+            return Rope(self.cos[index], self.sin[index], self.pairing, rotation)
         rows = index.unsqueeze(-1).expand(-1, -1, self.cos.shape[-1])
         return Rope(self.cos.gather(1, rows), self.sin.gather(1, rows), self.pairing)
 
@@ -226,7 +223,7 @@ class RotaryPositions(PositionScheme):
             rows = max(seq_len, 2 * table.cos.shape[0] if table is not None else 0)
             table = self._table = self._angles(torch.arange(rows, device=position_ids.device), rows)
             if self.pairing == "interleaved":
-                table.rotation  # noqa: B018 -- built once here, then indexed by every select
+                table.rotation = complex_rotation(table.cos, table.sin)  # built once, then indexed by every select
         return table.select(position_ids)
 
     def _angles(self, position_ids: torch.Tensor, seq_len: int) -> Rope:

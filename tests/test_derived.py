@@ -27,7 +27,11 @@ def test_kept_while_sources_are_unchanged_and_rebuilt_after_an_in_place_update()
 
 def test_rebuilt_with_autograd_on_so_gradients_reach_the_sources():
     layer = torch.nn.Linear(3, 4)
-    stacked = derived(layer, "_stack", (layer.weight,), lambda: torch.cat((layer.weight, layer.weight)))
+    stack = lambda: torch.cat((layer.weight, layer.weight))  # noqa: E731
+    with torch.no_grad():
+        derived(layer, "_stack", (layer.weight,), stack)
+    stacked = derived(layer, "_stack", (layer.weight,), stack)
+    assert "_stack" not in layer.__dict__  # training forgets the kept copy: it would go stale
     stacked.sum().backward()
     assert_close(layer.weight.grad, torch.full_like(layer.weight, 2.0))
 
