@@ -13,8 +13,9 @@ RoPE (Su et al. 2021, eq. 34): each pair of head dims is rotated by m * theta_i,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from roformer.errors import SequenceTooLongError
 
 if TYPE_CHECKING:
     from roformer.config import ModelConfig
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +186,21 @@ NO_ROPE = _NoRope()
 # --------------------------------------------------------------------------------------------------
 
 
+class GrowingTable(Generic[T]):
+    """Rows 0..n-1 of a position table, kept between forward passes: decoding asks for one more position at every
+    step, so a longer request rebuilds the table twice as long. `build(rows, device)` makes it."""
+
+    def __init__(self, build: Callable[[int, torch.device], T]):
+        self.build, self.rows, self.device, self.table = build, 0, None, None
+
+    def get(self, needed: int, device: torch.device) -> T:
+        if self.rows < needed:
+            self.rows, self.table = max(needed, 2 * self.rows), None
+        if self.table is None or self.device != device:
+            self.table, self.device = self.build(self.rows, device), device
+        return self.table
+
+
 class PositionScheme(nn.Module):
     """Base: no additive table, no rotation. Every scheme is built from the model config."""
 
@@ -211,20 +229,19 @@ class RotaryPositions(PositionScheme):
         self.scaling = cfg.rope_scaling
         self.factor = cfg.rope_scaling_factor
         self.original_max_len = cfg.max_position_embeddings
-        self._table: Rope | None = None  # the angles of positions 0..n-1: a plain attribute, not saved
+        self._table = GrowingTable(self._angle_table)  # not a buffer: never saved
 
     def rope(self, position_ids: torch.Tensor) -> Rope:
         seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 0
         if self.scaling == "dynamic_ntk" or seq_len == 0:  # frequencies that follow the length: no fixed table
             return self._angles(position_ids, seq_len)
-        table = self._table
-        if table is None or table.cos.shape[0] < seq_len or table.cos.device != position_ids.device:
-            # kept and grown by doubling: decoding asks for one more position at every step
-            rows = max(seq_len, 2 * table.cos.shape[0] if table is not None else 0)
-            table = self._table = self._angles(torch.arange(rows, device=position_ids.device), rows)
-            if self.pairing == "interleaved":
-                table.rotation = complex_rotation(table.cos, table.sin)  # built once, then indexed by every select
-        return table.select(position_ids)
+        return self._table.get(seq_len, position_ids.device).select(position_ids)
+
+    def _angle_table(self, rows: int, device: torch.device) -> Rope:
+        table = self._angles(torch.arange(rows, device=device), rows)
+        if self.pairing == "interleaved":
+            table.rotation = complex_rotation(table.cos, table.sin)  # built once, then indexed by every select
+        return table
 
     def _angles(self, position_ids: torch.Tensor, seq_len: int) -> Rope:
         inv_freq, scale = scaled_inv_freq(
@@ -245,16 +262,14 @@ class SinusoidalPositions(PositionScheme):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.dim = cfg.embedding_dim
-        self._table: torch.Tensor | None = None  # rows 0..n-1 of the table: a plain attribute, not saved
+        self._table = GrowingTable(self._build_table)  # not a buffer: never saved
 
     def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        needed = int(position_ids.max()) + 1
-        table = self._table
-        if table is None or table.shape[0] < needed or table.device != embeddings.device:
-            # kept and grown by doubling: decoding asks for one more position at every step
-            rows = max(needed, 2 * table.shape[0] if table is not None else 0)
-            table = self._table = sinusoidal_table(rows, self.dim).to(embeddings.device)
+        table = self._table.get(int(position_ids.max()) + 1, embeddings.device)
         return embeddings + table[position_ids].to(embeddings.dtype)
+
+    def _build_table(self, rows: int, device: torch.device) -> torch.Tensor:
+        return sinusoidal_table(rows, self.dim).to(device)
 
 
 class LearnedPositions(PositionScheme):
