@@ -77,8 +77,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_runs(runs: list[dict], out: str | Path, keys=("train/loss", "eval/loss")) -> Path:
-    """One panel per metric against steps, and the same against training tokens."""
+def plot_runs(runs: list[dict], out: str | Path, keys=("train/loss", "eval/loss", "eval/bleu")) -> Path:
+    """One panel per metric the runs logged (of `keys`) against steps, and the same against training tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +130,10 @@ def value_at(rows: list[dict], key: str, step: int):
     return next((r[key] for r in rows if r.get("step") == step and key in r), None)
 
 
-def steps_table(runs: list[dict], steps: list[int], keys=("eval/loss", "eval/mlm_accuracy")) -> str:
-    """Per scheme, the metrics at fixed steps: the mean over the runs (seeds) and, with several, their range."""
+def steps_table(runs: list[dict], steps: list[int], keys=("eval/loss", "eval/mlm_accuracy", "eval/bleu")) -> str:
+    """Per scheme, the metrics (of `keys`, those the runs logged) at fixed steps: the mean over the runs (seeds)
+    and, with several, their range."""
+    keys = [k for k in keys if any(k in r for run in runs for r in run["rows"])]
     by_scheme: dict[str, list[dict]] = {}
     for run in runs:
         by_scheme.setdefault(scheme_label(run["config"]), []).append(run)

@@ -45,6 +45,16 @@ def test_linear_attention_runs_are_grouped_apart_from_softmax(tmp_path):
     assert "| rotary, linear-elu attention | 1 | 5.0000 |" in table
 
 
+def test_translation_runs_get_their_bleu_and_mlm_runs_no_empty_bleu_columns(tmp_path):
+    mlm = make_run(tmp_path / "mlm", "rotary_seed1", "rotary", [(100, 4.0)])
+    assert "bleu" not in compare_runs([mlm], at_steps=[100])
+    translation = make_run(tmp_path / "mt", "rotary", "rotary", [(100, 4.0)])
+    with (translation / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 100, "eval/bleu": 21.5}) + "\n")
+    assert "eval/bleu @100" in compare_runs([translation], tmp_path / "mt.png", at_steps=[100])
+    assert "21.5000" in compare_runs([translation], at_steps=[100])
+
+
 def test_a_directory_without_metrics_is_a_one_line_error(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert "no metrics.jsonl here" in capsys.readouterr().err
