@@ -18,7 +18,7 @@ from torch import nn
 def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object]):
     """build(), from `sources`, cached on `owner` under `name` while autograd is off and the sources are unchanged."""
     if torch.is_grad_enabled():
-        owner.__dict__.pop(name, None)  # training makes a kept copy stale: free its memory
+        forget(owner, name)
         return build()
     stamp = tuple((t.data_ptr(), t._version) for t in sources)
     cached = owner.__dict__.get(name)
@@ -26,3 +26,8 @@ def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], buil
         cached = (stamp, build())
         object.__setattr__(owner, name, cached)  # a plain attribute: never a parameter, buffer or state_dict entry
     return cached[1]
+
+
+def forget(owner: nn.Module, name: str) -> None:
+    """Drop what `derived` kept under `name`: training makes it stale, so free its memory."""
+    owner.__dict__.pop(name, None)

@@ -20,7 +20,7 @@ from torch import nn
 
 from roformer.attention import KVCache, MultiHeadAttention, QuerySubset
 from roformer.config import ModelConfig, model_config_from_dict
-from roformer.derived import derived
+from roformer.derived import derived, forget
 from roformer.dropout import Dropout
 from roformer.errors import ConfigError
 from roformer.linear_attention import ATTENTION_KINDS
@@ -446,8 +446,10 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output projection. Without autograd (decoding) it multiplies by a kept transposed copy of the weight:
-        MKL runs (N, H) x (H, V) about 20% faster on CPU than against the (V, H) embedding matrix it shares."""
+        MKL ran (N, H) x (H, V) 6-27% faster on CPU than against the (V, H) embedding matrix it shares (measured at
+        8000 x 256 and 37000 x 512, 16 and 64 rows)."""
         if torch.is_grad_enabled():
+            forget(self, "_lm_head_t")
             return self.lm_head(hidden)
         weight = self.lm_head.weight
         return hidden @ derived(self, "_lm_head_t", (weight,), lambda: weight.t().contiguous())

@@ -50,3 +50,13 @@ def test_decoding_follows_weights_loaded_after_an_earlier_decode(tiny_config):
         actual = model.decode(target, model.encode(source))
         expected = other.decode(target, other.encode(source))
     assert_close(actual, expected)
+
+
+def test_a_training_forward_forgets_the_kept_output_matrix(tiny_config):
+    model = roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=1)).eval()
+    source, target = torch.randint(1, 97, (2, 6)), torch.randint(1, 97, (2, 4))
+    with torch.no_grad():
+        model.decode(target, model.encode(source))
+    assert "_lm_head_t" in model.__dict__
+    model.decode(target, model.encode(source)).sum().backward()
+    assert "_lm_head_t" not in model.__dict__
