@@ -47,31 +47,65 @@ class QuerySubset:
         return x.gather(1, self.index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-@dataclass
 class KVCache:
-    """Keys and values of one attention layer during incremental decoding, each (B, nh, T_k, hs).
+    """Keys and values of one attention layer during incremental decoding, read as (B, nh, T_k, hs).
 
     Self-attention appends each step's keys; cross-attention fills it once from the source (`static`).
+
+    Decoding allocates nothing per step here. Keys live in a time-major buffer (capacity, B, nh, hs) with room to
+    grow: a step writes its slot instead of concatenating the whole cache into a new tensor. Reordering (beam
+    search) copies the filled slots into a second buffer kept for the purpose, then swaps the two. Time-major
+    makes the filled part one contiguous block, so both are single copies; attention reads the keys through a
+    strided view at no extra cost. (A new multi-megabyte tensor per step and layer would cost page faults.)
     """
 
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-    static: bool = False
+    def __init__(self, static: bool = False):
+        self.static = static
+        self.length = 0
+        self._filled: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values: (capacity, B, nh, hs)
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None  # where `reorder` copies to
+
+    @property
+    def key(self) -> torch.Tensor | None:
+        return None if self._filled is None else self._filled[0][: self.length].permute(1, 2, 0, 3)
+
+    @property
+    def value(self) -> torch.Tensor | None:
+        return None if self._filled is None else self._filled[1][: self.length].permute(1, 2, 0, 3)
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is not None:
-            key, value = torch.cat((self.key, key), dim=2), torch.cat((self.value, value), dim=2)
-        self.key, self.value = key, value
-        return key, value
+        """key, value: (B, nh, T_new, hs). Returns all the keys and values so far."""
+        end = self.length + key.shape[2]
+        if self._filled is None or end > self._filled[0].shape[0]:
+            self._grow(key, end)
+        for buffer, new in zip(self._filled, (key, value)):
+            buffer[self.length : end].copy_(new.permute(2, 0, 1, 3))
+        self.length = end
+        return self.key, self.value
+
+    def _grow(self, like: torch.Tensor, needed: int) -> None:
+        """Room for `needed` slots: exactly, for the source's keys; else twice the old capacity (32 at first)."""
+        capacity = needed if self.static else max(needed, 2 * self._filled[0].shape[0] if self._filled else 32)
+        batch, heads, _, size = like.shape
+        grown = (like.new_empty(capacity, batch, heads, size), like.new_empty(capacity, batch, heads, size))
+        if self._filled is not None:
+            for old, new in zip(self._filled, grown):
+                new[: self.length].copy_(old[: self.length])
+        self._filled, self._spare = grown, None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows in `index` (beam search picks which hypotheses live on)."""
-        if self.key is not None:
-            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
-
-    @property
-    def length(self) -> int:
-        return 0 if self.key is None else self.key.shape[2]
+        if self._filled is None:
+            return
+        capacity, _, heads, size = self._filled[0].shape
+        rows = index.numel()
+        if self._spare is None or self._spare[0].shape[1] != rows:
+            self._spare = tuple(self._filled[0].new_empty(capacity, rows, heads, size) for _ in range(2))
+        for old, new in zip(self._filled, self._spare):
+            torch.index_select(old[: self.length], 1, index, out=new[: self.length])
+        self._filled, self._spare = self._spare, self._filled
+        if self._spare[0].shape[1] != rows:
+            self._spare = None  # the batch changed size: the old buffers cannot take the next reorder
 
 
 def eager_attention(

@@ -40,11 +40,12 @@ class Hypotheses:
 
 
 class _Decoder:
-    """One decoder step for the live rows, with the KV cache (only the newest token goes in) or without it.
+    """One decoder step for the live hypotheses of the live sentences, with the KV cache (only the newest token
+    goes in) or without it.
 
-    The source side (memory, its padding mask, the cross-attention keys/values) is kept once per sentence and the
-    decoder's own state once per hypothesis: with the cache, the K beams of a sentence attend to one copy of its
-    source (`single_query_attention` groups them), so beams never copy or reorder it.
+    The source side (memory, its padding mask, the cross-attention keys/values) is kept once per sentence and read
+    by all its hypotheses: with the cache, `single_query_attention` groups the beams of a sentence, so they never
+    copy or reorder it. The decoder's own keys/values are kept per hypothesis and follow the beams.
     """
 
     def __init__(self, model, memory: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool):
@@ -52,28 +53,39 @@ class _Decoder:
         # linear attention has no KV cache: its decoder recomputes the prefix (correct, quadratic in length)
         use_cache = use_cache and model.config.attention == "softmax"
         self.caches = model.new_caches() if use_cache else None
+        self.rows_per_sentence = 1  # hypotheses decoded per sentence: 1 at the first step (all beams share BOS)
+        self._log_probs: torch.Tensor | None = None
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (N, t), BOS first, N a multiple of the live sentences. Returns next-token log-probs (N, V)."""
+        """tokens: (N, t), BOS first, N a multiple of the live sentences. Returns next-token log-probs (N, V), in
+        a buffer that the next call overwrites."""
         if self.caches is not None:
             logits = self.model.decode(tokens[:, -1:], self.memory, self.mask, self.caches)[:, -1]
         else:  # the uncached reference recomputes everything, the source's keys too: one memory row per hypothesis
             beams = tokens.shape[0] // self.memory.shape[0]
             memory, mask = self.memory.repeat_interleave(beams, 0), self.mask.repeat_interleave(beams, 0)
             logits = self.model.decode(tokens, memory, mask)[:, -1]
-        return logits.float().log_softmax(-1)
+        logits = logits.float()
+        if self._log_probs is None or self._log_probs.shape != logits.shape:
+            self._log_probs = torch.empty_like(logits)  # reused: a fresh (N, V) array per step costs page faults
+        return torch.log_softmax(logits, dim=-1, out=self._log_probs)
 
-    def reorder_beams(self, rows: torch.Tensor) -> None:
-        """Hypotheses moved within their sentence's beam (`rows` indexes the hypotheses): only the decoder's own
-        keys/values follow."""
+    def advance(self, parents: torch.Tensor) -> None:
+        """Each sentence's hypotheses go on from `parents` (n, K): for each, the one it extends (0 .. rows - 1)."""
+        sentences, beams = parents.shape
         if self.caches is not None:
+            first_row = torch.arange(sentences, device=parents.device)[:, None] * self.rows_per_sentence
+            rows = (first_row + parents).view(-1)
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
+        self.rows_per_sentence = beams
 
-    def keep(self, rows: torch.Tensor, sentences: torch.Tensor) -> None:
-        """Keep the hypotheses `rows` (in their new order) and the source state of `sentences`; drop the rest."""
+    def keep(self, sentences: torch.Tensor) -> None:
+        """Only `sentences` (indices of the live ones, in order) go on, with all their hypotheses."""
         self.memory, self.mask = self.memory.index_select(0, sentences), self.mask.index_select(0, sentences)
         if self.caches is not None:
+            first_row = sentences[:, None] * self.rows_per_sentence
+            rows = (first_row + torch.arange(self.rows_per_sentence, device=sentences.device)).view(-1)
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
                 cache.cross_attn.reorder(sentences)
@@ -166,7 +178,7 @@ def greedy_search(
         if ended.any():
             rows = (~ended).nonzero()[:, 0]
             tokens, scores, alive = tokens[rows], scores[rows], alive[rows]
-            decoder.keep(rows, rows)
+            decoder.keep(rows)
     return Hypotheses(out_tokens, out_scores)
 
 
@@ -202,11 +214,9 @@ def beam_search(
         n = alive.numel()
         lprobs = decoder.log_probs(tokens)
         if step == 0:
-            # every beam starts from BOS: decode it once per sentence, then give each of the K beams its copy of
-            # the decoder state (the source's stays shared)
+            # every beam starts from BOS: decoded once per sentence, copied to K rows for the search
             rows = torch.arange(batch, device=device).repeat_interleave(k)
             lprobs, tokens = lprobs[rows], tokens[rows]
-            decoder.keep(rows, torch.arange(batch, device=device))
         lprobs = _constrain(lprobs.view(n, k, -1), step, max_len[alive], min_length, ids)
         vocab = lprobs.shape[-1]
         cand_scores, cand = topk_by_blocks(lprobs.add_(scores[:, :, None]).view(n, -1), 2 * k)  # (n, 2K)
@@ -224,18 +234,17 @@ def beam_search(
 
         # the first K candidates that are not EOS live on
         live = (is_eos.long() * 2 * k + offsets).topk(k, dim=1, largest=False).indices  # (n, K)
-        scores = cand_scores.gather(1, live)
-        source_rows = (torch.arange(n, device=device)[:, None] * k + cand_beams.gather(1, live)).view(-1)
+        scores, parents = cand_scores.gather(1, live), cand_beams.gather(1, live)
+        source_rows = (torch.arange(n, device=device)[:, None] * k + parents).view(-1)
         tokens = torch.cat((tokens[source_rows], cand_tokens.gather(1, live).view(-1, 1)), dim=1)
         if done.all():
             break
+        decoder.advance(parents if step else torch.zeros_like(parents))  # at step 0 all go on from the one BOS
         if done.any():
             kept = (~done).nonzero()[:, 0]
             kept_rows = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)
             tokens, scores, alive = tokens[kept_rows], scores[kept], alive[kept]
-            decoder.keep(source_rows[kept_rows], kept)
-        else:
-            decoder.reorder_beams(source_rows)
+            decoder.keep(kept)
 
     best = [max(hyps, key=lambda h: h[0]) for hyps in finished]
     return Hypotheses([h[1] for h in best], torch.tensor([h[0] for h in best]))

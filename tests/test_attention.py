@@ -203,6 +203,23 @@ def test_kv_cache_appends_and_reorders():
     assert_close(cache.value[1], value[1])
 
 
+def test_kv_cache_grows_and_reorders_in_its_buffers_like_concatenation():
+    """Past its first capacity, through reorders into the spare buffer and a batch that shrinks, the cache holds
+    what concatenating and index-selecting tensors would."""
+    cache, key, value = KVCache(), torch.empty(4, 2, 0, 3), torch.empty(4, 2, 0, 3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(40):
+        new_key, new_value = torch.randn(2, key.shape[0], 2, 1, 3, generator=gen).unbind(0)
+        key, value = torch.cat((key, new_key), dim=2), torch.cat((value, new_value), dim=2)
+        cached_key, cached_value = cache.append(new_key, new_value)
+        assert torch.equal(cached_key, key) and torch.equal(cached_value, value)
+        rows = torch.randint(0, key.shape[0], (key.shape[0] - (step == 30),), generator=gen)  # one row fewer once
+        key, value = key[rows], value[rows]
+        cache.reorder(rows)
+        assert torch.equal(cache.key, key) and torch.equal(cache.value, value)
+    assert cache.length == 40
+
+
 def _seq2seq(tiny_config, **overrides) -> roformer.RoFormerForSeq2SeqLM:
     return roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, **overrides)).eval()
 
