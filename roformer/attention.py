@@ -125,16 +125,17 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     q: (B * G, nh, 1, hs); k, v: (B, nh, T_k, hs); mask broadcasts to (B, nh, 1, T_k). Each row of keys serves
     G consecutive query rows: the G beams of a sentence read one copy of its source (G is 1 in self-attention).
     Grouped, the beams become G queries of one product: a quarter of the tiny matrix products at beam 4, where
-    SDPA's CPU kernel would spend more on setting up blocks than on a (1, T_k) row of scores per head.
+    SDPA's CPU kernel would spend more on setting up blocks than on a (1, T_k) row of scores per head. Written as
+    3-d `bmm`s on views of the cache (`KVCache` lays keys out so that these are views, not copies).
     """
-    rows, heads, _, size = k.shape
+    rows, heads, keys, size = k.shape
     groups = q.shape[0] // rows
-    q = q.reshape(rows, groups, heads, size).transpose(1, 2)  # (B, nh, G, hs)
-    scores = (q * size**-0.5) @ k.transpose(-2, -1)  # (B, nh, G, T_k)
+    q = q.reshape(rows, groups, heads, size).transpose(1, 2).reshape(rows * heads, groups, size)
+    scores = torch.bmm(q * size**-0.5, k.reshape(rows * heads, keys, size).transpose(1, 2))  # (B nh, G, T_k)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    out = scores.softmax(dim=-1) @ v  # (B, nh, G, hs)
-    return out.transpose(1, 2).reshape(rows * groups, heads, 1, size)
+        scores.view(rows, heads, groups, keys).masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    out = torch.bmm(scores.softmax(dim=-1), v.reshape(rows * heads, keys, size))  # (B nh, G, hs)
+    return out.view(rows, heads, groups, size).transpose(1, 2).reshape(rows * groups, heads, 1, size)
 
 
 def chunked_attention(
@@ -177,18 +178,24 @@ class MultiHeadAttention(nn.Module):
         return derived(self, "_qkv", parts, lambda: (torch.cat(parts[:3]), torch.cat(parts[3:])))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, nh, T, hs)
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, heads, T, hs)
 
-    def _project(self, x: torch.Tensor, context: torch.Tensor | None, queries: QuerySubset | None, cache):
-        """Queries, keys and values before rotation, as (B, nh, T, hs); keys and values are None when a static
-        cache already holds the source's."""
-        if not self.cross and queries is None:  # self-attention: one matrix product for q, k and v
-            return tuple(self._heads(t) for t in F.linear(x, *self._fused_qkv()).chunk(3, dim=-1))
-        q = self._heads(self.query(x if queries is None else queries.gather(x)))
-        if cache is not None and cache.static and cache.key is not None:
-            return q, None, None  # the source's keys, computed at the first decoding step
-        source = context if self.cross else x
-        return q, self._heads(self.key(source)), self._heads(self.value(source))
+    def _project(self, x, context, queries: QuerySubset | None, cache, rope: Rope | _NoRope):
+        """Queries, keys and values as (B, nh, T, hs), rotated where the scheme rotates them; keys and values are
+        None when a static cache already holds the source's."""
+        if self.cross:  # positions live in each stream's self-attention, not across streams: never rotated
+            q = self._heads(self.query(x))
+            if cache is not None and cache.static and cache.key is not None:
+                return q, None, None  # the source's keys, computed at the first decoding step
+            return q, self._heads(self.key(context)), self._heads(self.value(context))
+        if queries is None:  # one matrix product for q, k and v, and one rotation for all that rotate
+            heads = self._heads(F.linear(x, *self._fused_qkv()))  # (B, 3 nh, T, hs)
+            nh = self.num_heads
+            rotated = rope.rotate(heads[:, : (3 if self.rotary_value else 2) * nh])
+            return rotated[:, :nh], rotated[:, nh : 2 * nh], (rotated if self.rotary_value else heads)[:, 2 * nh :]
+        q = rope.select(queries.index).rotate(self._heads(self.query(queries.gather(x))))
+        v = self._heads(self.value(x))
+        return q, rope.rotate(self._heads(self.key(x))), rope.rotate(v) if self.rotary_value else v
 
     def forward(
         self,
@@ -202,18 +209,11 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, H); context: (B, S, H) for cross-attention. Returns (B, T, H) and, if asked, the weights.
         With `queries`, only those rows of x attend (to all of x): returns (B, M, H)."""
-        if self.cross:
-            rope = NO_ROPE  # positions live in each stream's self-attention, not across streams
-        q, k, v = self._project(x, context, queries, cache)
-        q = (rope if queries is None else rope.select(queries.index)).rotate(q)
+        q, k, v = self._project(x, context, queries, cache, rope)
         if k is None:
             k, v = cache.key, cache.value
-        else:
-            k = rope.rotate(k)
-            if self.rotary_value:
-                v = rope.rotate(v)
-            if cache is not None:
-                k, v = cache.append(k, v)
+        elif cache is not None:
+            k, v = cache.append(k, v)
         out, weights = self.attend(q, k, v, mask, need_weights)
         return self.out(out.transpose(1, 2).flatten(2)), weights
 

@@ -101,13 +101,14 @@ def _constrain(lprobs: torch.Tensor, step: int, max_len: torch.Tensor, min_lengt
     """lprobs: (n, K, V) at decoding step `step` (0-based); max_len: (n,). Never pad or BOS; no EOS before
     `min_length` tokens; only EOS once a sentence has `max_len` tokens."""
     eos = ids["eos"]
-    eos_lp = lprobs[..., eos].clone()
+    at_max = step >= max_len
+    ending = bool(at_max.any())
+    eos_lp = lprobs[..., eos].clone() if ending else None
     lprobs[..., ids["pad"]] = NEG_INF
     lprobs[..., ids["bos"]] = NEG_INF
     if step < min_length:
         lprobs[..., eos] = NEG_INF
-    at_max = step >= max_len
-    if at_max.any():
+    if ending:
         lprobs[at_max] = NEG_INF
         lprobs[..., eos] = torch.where(at_max[:, None], eos_lp, lprobs[..., eos])
     return lprobs
@@ -126,9 +127,10 @@ def topk_by_blocks(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Ten
     if width % block:
         x = torch.nn.functional.pad(x, (0, block - width % block), value=NEG_INF)
     blocks = x.view(rows, -1, block)
-    best_blocks = blocks.amax(dim=-1).topk(k, dim=1).indices  # (n, k)
-    candidates = blocks.gather(1, best_blocks[:, :, None].expand(-1, -1, block)).view(rows, -1)  # (n, k * block)
-    values, where = candidates.topk(k, dim=1)
+    best_blocks = blocks.amax(dim=-1).topk(k, dim=1, sorted=False).indices  # (n, k), in any order
+    first_block = torch.arange(rows, device=x.device)[:, None] * blocks.shape[1]
+    candidates = blocks.flatten(0, 1).index_select(0, (first_block + best_blocks).view(-1)).view(rows, -1)
+    values, where = candidates.topk(k, dim=1)  # of the (n, k * block) candidates
     return values, best_blocks.gather(1, where // block) * block + where % block
 
 
@@ -207,17 +209,17 @@ def beam_search(
     tokens = input_ids.new_full((batch, 1), bos_id)  # (n * K, t) from step 1 on
     scores = torch.full((batch, k), NEG_INF, device=device)  # (n, K) sum of log-probs
     scores[:, 0] = 0.0  # all K beams start identical: expand only the first at step 0
-    alive = torch.arange(batch, device=device)
+    alive = list(range(batch))  # the original index of each live sentence
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     offsets = torch.arange(2 * k, device=device)
     for step in range(int(max_len.max()) + 1):
-        n = alive.numel()
+        n = len(alive)
         lprobs = decoder.log_probs(tokens)
         if step == 0:
             # every beam starts from BOS: decoded once per sentence, copied to K rows for the search
             rows = torch.arange(batch, device=device).repeat_interleave(k)
             lprobs, tokens = lprobs[rows], tokens[rows]
-        lprobs = _constrain(lprobs.view(n, k, -1), step, max_len[alive], min_length, ids)
+        lprobs = _constrain(lprobs.view(n, k, -1), step, max_len, min_length, ids)
         vocab = lprobs.shape[-1]
         cand_scores, cand = topk_by_blocks(lprobs.add_(scores[:, :, None]).view(n, -1), 2 * k)  # (n, 2K)
         cand_beams, cand_tokens = cand // vocab, cand % vocab
@@ -226,11 +228,11 @@ def beam_search(
         # EOS among the K best finishes a hypothesis
         finishing = is_eos[:, :k] & cand_scores[:, :k].isfinite()
         for i, j in finishing.nonzero().tolist():
-            sentence = int(alive[i])
+            sentence = alive[i]
             if len(finished[sentence]) < k:
                 hypothesis = tokens[i * k + cand_beams[i, j], 1:].tolist()
                 finished[sentence].append((cand_scores[i, j].item() / (step + 1) ** length_penalty, hypothesis))
-        done = torch.tensor([len(finished[int(s)]) >= k for s in alive], device=device) | (step >= max_len[alive])
+        done = torch.tensor([len(finished[s]) >= k for s in alive], device=device) | (step >= max_len)
 
         # the first K candidates that are not EOS live on
         live = (is_eos.long() * 2 * k + offsets).topk(k, dim=1, largest=False).indices  # (n, K)
@@ -243,7 +245,8 @@ def beam_search(
         if done.any():
             kept = (~done).nonzero()[:, 0]
             kept_rows = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)
-            tokens, scores, alive = tokens[kept_rows], scores[kept], alive[kept]
+            tokens, scores, max_len = tokens[kept_rows], scores[kept], max_len[kept]
+            alive = [alive[i] for i in kept.tolist()]
             decoder.keep(kept)
 
     best = [max(hyps, key=lambda h: h[0]) for hyps in finished]

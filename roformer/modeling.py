@@ -30,7 +30,7 @@ ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": lambda: nn.ReLU(),
+    "relu": lambda: nn.ReLU(inplace=True),  # always applied to a fresh product, which nothing else reads
     "tanh": lambda: nn.Tanh(),
     "silu": lambda: nn.SiLU(),
 }
