@@ -56,7 +56,7 @@ class KVCache:
     grow: a step writes its slot instead of concatenating the whole cache into a new tensor. Reordering (beam
     search) copies the filled slots into a second buffer kept for the purpose, then swaps the two. Time-major
     makes the filled part one contiguous block, so both are single copies; attention reads the keys through a
-    strided view at no extra cost. (A new multi-megabyte tensor per step and layer would cost page faults.)
+    strided view, without copying them. (Fresh tensors of this size at every step and layer cost page faults.)
     """
 
     def __init__(self, static: bool = False):
