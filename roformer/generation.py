@@ -70,22 +70,23 @@ class _Decoder:
             self._log_probs = torch.empty_like(logits)  # reused: a fresh (N, V) array per step costs page faults
         return torch.log_softmax(logits, dim=-1, out=self._log_probs)
 
+    def _rows(self, sentences: torch.Tensor, hypotheses: torch.Tensor) -> torch.Tensor:
+        """The cache rows of `hypotheses` ((n, h), each 0 .. rows_per_sentence - 1) of `sentences` ((n,))."""
+        return (sentences[:, None] * self.rows_per_sentence + hypotheses).view(-1)
+
     def advance(self, parents: torch.Tensor) -> None:
-        """Each sentence's hypotheses go on from `parents` (n, K): for each, the one it extends (0 .. rows - 1)."""
-        sentences, beams = parents.shape
+        """Each sentence's hypotheses go on from `parents` (n, K): for each, the one it extends."""
         if self.caches is not None:
-            first_row = torch.arange(sentences, device=parents.device)[:, None] * self.rows_per_sentence
-            rows = (first_row + parents).view(-1)
+            rows = self._rows(torch.arange(parents.shape[0], device=parents.device), parents)
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
-        self.rows_per_sentence = beams
+        self.rows_per_sentence = parents.shape[1]
 
     def keep(self, sentences: torch.Tensor) -> None:
         """Only `sentences` (indices of the live ones, in order) go on, with all their hypotheses."""
         self.memory, self.mask = self.memory.index_select(0, sentences), self.mask.index_select(0, sentences)
         if self.caches is not None:
-            first_row = sentences[:, None] * self.rows_per_sentence
-            rows = (first_row + torch.arange(self.rows_per_sentence, device=sentences.device)).view(-1)
+            rows = self._rows(sentences, torch.arange(self.rows_per_sentence, device=sentences.device))
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
                 cache.cross_attn.reorder(sentences)
