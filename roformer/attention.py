@@ -103,9 +103,7 @@ class KVCache:
             self._spare = tuple(self._filled[0].new_empty(capacity, rows, heads, size) for _ in range(2))
         for old, new in zip(self._filled, self._spare):
             torch.index_select(old[: self.length], 1, index, out=new[: self.length])
-        self._filled, self._spare = self._spare, self._filled
-        if self._spare[0].shape[1] != rows:
-            self._spare = None  # the batch changed size: the old buffers cannot take the next reorder
+        self._filled, self._spare = self._spare, self._filled  # a spare of another batch size is replaced next time
 
 
 def eager_attention(

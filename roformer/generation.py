@@ -70,14 +70,12 @@ class _Decoder:
             self._log_probs = torch.empty_like(logits)  # reused: a fresh (N, V) array per step costs page faults
         return torch.log_softmax(logits, dim=-1, out=self._log_probs)
 
-    def _rows(self, sentences: torch.Tensor, hypotheses: torch.Tensor) -> torch.Tensor:
-        """The cache rows of `hypotheses` ((n, h), each 0 .. rows_per_sentence - 1) of `sentences` ((n,))."""
-        return (sentences[:, None] * self.rows_per_sentence + hypotheses).view(-1)
-
     def advance(self, parents: torch.Tensor) -> None:
         """Each sentence's hypotheses go on from `parents` (n, K): for each, the one it extends."""
         if self.caches is not None:
-            rows = self._rows(torch.arange(parents.shape[0], device=parents.device), parents)
+            rows = hypothesis_rows(
+                torch.arange(parents.shape[0], device=parents.device), parents, self.rows_per_sentence
+            )
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
         self.rows_per_sentence = parents.shape[1]
@@ -86,10 +84,17 @@ class _Decoder:
         """Only `sentences` (indices of the live ones, in order) go on, with all their hypotheses."""
         self.memory, self.mask = self.memory.index_select(0, sentences), self.mask.index_select(0, sentences)
         if self.caches is not None:
-            rows = self._rows(sentences, torch.arange(self.rows_per_sentence, device=sentences.device))
+            every = torch.arange(self.rows_per_sentence, device=sentences.device)
+            rows = hypothesis_rows(sentences, every, self.rows_per_sentence)
             for cache in self.caches:
                 cache.self_attn.reorder(rows)
                 cache.cross_attn.reorder(sentences)
+
+
+def hypothesis_rows(sentences: torch.Tensor, hypotheses: torch.Tensor, per_sentence: int) -> torch.Tensor:
+    """Flat row indices, sentence-major, of `hypotheses` ((n, h) or (h,), each 0 .. per_sentence - 1) of
+    `sentences` ((n,)), in a batch holding `per_sentence` rows per sentence."""
+    return (sentences[:, None] * per_sentence + hypotheses).view(-1)
 
 
 def max_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_id: int, a: float, b: int) -> torch.Tensor:
@@ -238,14 +243,14 @@ def beam_search(
         # the first K candidates that are not EOS live on
         live = (is_eos.long() * 2 * k + offsets).topk(k, dim=1, largest=False).indices  # (n, K)
         scores, parents = cand_scores.gather(1, live), cand_beams.gather(1, live)
-        source_rows = (torch.arange(n, device=device)[:, None] * k + parents).view(-1)
+        source_rows = hypothesis_rows(torch.arange(n, device=device), parents, k)
         tokens = torch.cat((tokens[source_rows], cand_tokens.gather(1, live).view(-1, 1)), dim=1)
         if done.all():
             break
         decoder.advance(parents if step else torch.zeros_like(parents))  # at step 0 all go on from the one BOS
         if done.any():
             kept = (~done).nonzero()[:, 0]
-            kept_rows = (kept[:, None] * k + torch.arange(k, device=device)).view(-1)
+            kept_rows = hypothesis_rows(kept, torch.arange(k, device=device), k)
             tokens, scores, max_len = tokens[kept_rows], scores[kept], max_len[kept]
             alive = [alive[i] for i in kept.tolist()]
             decoder.keep(kept)
