@@ -98,25 +98,62 @@ class ModelConfig:
 
 
 @dataclass
-class MLMDataConfig:
-    """Masked-LM pretraining text."""
+class SourceConfig:
+    """One more pretraining corpus, mixed in with a weight (data.sources)."""
 
+    files: list[str] = field(default_factory=list)
+    """Local .txt / .jsonl / .parquet files (optionally .gz), directories or globs."""
+    hub_name: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    weight: float = 1.0
+    """2.0 reads the corpus twice, 0.5 every other document (fairseq-style upsampling)."""
+
+    def __post_init__(self):
+        if bool(self.files) == bool(self.hub_name):
+            raise ConfigError("data.sources: each source names either files or a hub_name")
+        if self.weight <= 0:
+            raise ConfigError(f"data.sources: weight must be positive, got {self.weight}")
+
+
+@dataclass
+class MLMDataConfig:
+    """Masked-LM pretraining text. Training reads a prepared dataset (`roformer prepare`): either `prepared`, or
+    one made on first use from the sources below into `prepared_cache` and shared by every run that asks for it."""
+
+    prepared: str | None = None
+    """A prepared dataset directory (`roformer prepare`); the source keys below are then not read."""
+    prepared_cache: str | None = None
+    """Where runs prepare raw sources; default $ROFORMER_CACHE/prepared, else ~/.cache/roformer/prepared."""
     corpus: Literal["builtin", "files", "hub"] = "builtin"
     """builtin: Python's own documentation (offline); files: train_files; hub: hub_name/hub_config."""
     train_files: list[str] = field(default_factory=list)
+    """.txt / .jsonl / .parquet files (optionally .gz), directories or globs."""
     validation_files: list[str] = field(default_factory=list)
-    """Held-out text; when empty, validation_fraction of the documents is held out."""
+    """Held-out text; when empty, validation_fraction of the documents is held out (with a hub corpus, its
+    validation split if it has one)."""
     validation_fraction: float = 0.2
+    """Held out evenly through the corpus, by document, until max_validation_blocks blocks are held out."""
+    max_validation_blocks: int = 2000
     hub_name: str | None = None
     hub_config: str | None = None
     text_column: str = "text"
+    """The text column of hub rows and .jsonl / .parquet files (one document per row)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """More corpora mixed in after the one above, each with a weight (e.g. Wikipedia + books)."""
     tokenizer: str | None = None
-    """A tokenizer directory; when empty a WordPiece tokenizer is trained on the training text."""
+    """A tokenizer directory; when empty a WordPiece tokenizer is trained on (a sample of) the training text."""
     tokenizer_vocab_size: int = 8000
+    tokenizer_sample_mb: int = 1024
+    """Text the tokenizer is trained on, at most: spread evenly over local files, else the first documents."""
     max_seq_length: int = 128
+    """Tokens per block, [CLS] and [SEP] included: blocks are cut from the token stream, never padded."""
     mlm_probability: float = 0.15
     max_documents: int | None = None
     """Use only the first N documents (quick runs)."""
+    num_proc: int | None = None
+    """Processes that tokenize during preparation; default all cores."""
 
     def __post_init__(self):
         if not 0.0 < self.validation_fraction < 1.0:
@@ -125,6 +162,13 @@ class MLMDataConfig:
             raise ConfigError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if self.max_seq_length < 8:
             raise ConfigError(f"data.max_seq_length must be at least 8, got {self.max_seq_length}")
+        for name in ("max_validation_blocks", "tokenizer_sample_mb", "tokenizer_vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be at least 1 (or null for all cores), got {self.num_proc}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ConfigError(f"data.max_documents must be at least 1 (or null), got {self.max_documents}")
 
 
 @dataclass
@@ -207,8 +251,15 @@ class TrainConfig:
     """Optimizer steps."""
     num_epochs: int | None = None
     """When set, replaces max_steps by this many passes over the training data (GLUE's protocol: 3 epochs)."""
+    global_batch_size: int | None = None
+    """Examples per optimizer step over all processes (sequences for MLM and GLUE, tokens for translation): the
+    per-process micro-batch and the accumulation steps follow from the number of processes, so a recipe trains
+    at the same batch on 1 or 8 GPUs. Unset: per_device_batch_size x gradient_accumulation_steps (translation:
+    data.max_tokens x gradient_accumulation_steps), as for one process."""
     per_device_batch_size: int = 32
+    """The largest micro-batch one process holds (sequences); the run records the one it used."""
     gradient_accumulation_steps: int = 1
+    """Derived from global_batch_size when that is set; the run records the one it used."""
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -252,6 +303,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size must be at least 1 (or null), got {self.global_batch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ConfigError(f"train.num_epochs must be at least 1 (or null), got {self.num_epochs}")
         if self.average_checkpoints > self.keep_last:

@@ -6,6 +6,7 @@ A task (roformer.tasks.base.Task) supplies data, model, loss and metrics; nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -16,12 +17,14 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from roformer.batching import RankBatches, split_global_batch, split_global_tokens
 from roformer.checkpointing import Checkpoints, average_checkpoints
 from roformer.config import RunConfig, TrainConfig, save_config
-from roformer.errors import UserError
+from roformer.errors import DataError, UserError
 from roformer.tasks import get_task_class
 from roformer.tasks.base import Task
 from roformer.tracking import MetricsLog, tracker_name
@@ -39,7 +42,10 @@ class TrainerState:
     """Optimizer steps done."""
     epoch: int = 0
     batches_in_epoch: int = 0
-    """Micro-batches of `epoch` already consumed (per process)."""
+    """Global micro-batches of `epoch` already consumed (the same count on every process)."""
+    num_processes: int = 1
+    micro_batch_size: int = 0
+    """The micro-batch geometry the position counts in (sequences per process, or its token budget)."""
     tokens_seen: int = 0
     """Real (non-padding) training tokens over all processes."""
     best_value: float | None = None
@@ -102,8 +108,7 @@ class Trainer:
         self.tc = cfg.train
         self.task = task or get_task_class(cfg.task)(cfg)
         self.run_dir = Path(cfg.output_dir)
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=self.tc.gradient_accumulation_steps,
+        self.accelerator = Accelerator(  # accumulation is ours: a step's micro-batches are weighted by their terms
             mixed_precision=self.tc.mixed_precision,
             log_with=tracker_name(self.tc.log_with),
             project_dir=str(self.run_dir),
@@ -132,14 +137,22 @@ class Trainer:
             raise UserError(f"train.resume_from={resume}: not a complete checkpoint directory")
         return path
 
-    def _resolve_num_epochs(self) -> None:
-        """train.num_epochs -> train.max_steps, before config.yaml is written, so the run records its step count."""
-        tc = self.tc
-        if tc.num_epochs is None:
-            return
-        # accelerate shards batches over processes and syncs gradients at the end of each epoch
-        batches = math.ceil(len(self.task.train_dataloader()) / self.accelerator.num_processes)
-        tc.max_steps = tc.num_epochs * math.ceil(batches / tc.gradient_accumulation_steps)
+    def _resolve_batch(self) -> None:
+        """train.global_batch_size -> this run's micro-batch and accumulation steps for its number of processes,
+        recorded in config.yaml (and train.num_epochs -> train.max_steps)."""
+        tc, processes = self.tc, self.accelerator.num_processes
+        if self.task.batch_unit == "tokens":
+            budget = self.cfg.data.max_tokens
+            total = tc.global_batch_size or budget * tc.gradient_accumulation_steps
+            self.micro_batch_size, tc.gradient_accumulation_steps = split_global_tokens(total, processes, budget)
+        else:
+            total = tc.global_batch_size or tc.per_device_batch_size * tc.gradient_accumulation_steps
+            micro, tc.gradient_accumulation_steps = split_global_batch(total, processes, tc.per_device_batch_size)
+            self.micro_batch_size = tc.per_device_batch_size = micro
+        tc.global_batch_size = total
+        if tc.num_epochs is not None:
+            batches = len(self.task.epoch_batches(0, self.micro_batch_size)) // processes
+            tc.max_steps = tc.num_epochs * max(1, batches // tc.gradient_accumulation_steps)
 
     def _write_run_header(self) -> None:
         if self.accelerator.is_main_process:
@@ -151,42 +164,63 @@ class Trainer:
     # The loop
     # ---------------------------------------------------------------------------------------------
 
-    def _micro_batches(self, dataloader):
-        """Micro-batches forever, epoch after epoch, starting where the state says."""
-        skip = self.state.batches_in_epoch
+    def _epoch_loader(self, epoch: int, start: int) -> DataLoader:
+        """This process's batches of `epoch` from global micro-batch `start` on, read and collated by workers."""
+        acc = self.accelerator
+        batches = self.task.epoch_batches(epoch, self.micro_batch_size)
+        if len(batches) < acc.num_processes:
+            raise DataError(
+                f"the training data holds {len(batches)} micro-batch(es) of {self.micro_batch_size} "
+                f"{self.task.batch_unit} per epoch, fewer than one per process ({acc.num_processes}): use more data "
+                "or a smaller train.global_batch_size"
+            )
+        return DataLoader(
+            self.task.train_dataset(),
+            batch_sampler=RankBatches(batches, acc.process_index, acc.num_processes, start),
+            collate_fn=self.task.train_collator(),
+            num_workers=self.tc.num_workers,
+            pin_memory=acc.device.type == "cuda",
+        )
+
+    def _micro_batches(self):
+        """(CPU batch, loss terms) forever, epoch after epoch, starting where the state says: the position is
+        sought directly (the epoch's order is recomputed, no batch before it is read)."""
+        state = self.state
         while True:
-            dataloader.set_epoch(self.state.epoch)
-            batches = self.accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-            for batch in batches:
-                self.state.batches_in_epoch += 1
+            for batch in self._epoch_loader(state.epoch, state.batches_in_epoch):
+                state.batches_in_epoch += 1
                 yield batch
-            skip = 0
-            self.state.epoch += 1
-            self.state.batches_in_epoch = 0
+            state.epoch += 1
+            state.batches_in_epoch = 0
+
+    def _to_device(self, batch: dict) -> dict:
+        device = self.accelerator.device
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train(self) -> dict:
         """Run to train.max_steps (or until stopped) and return the final evaluation."""
         set_seed(self.tc.seed)
         resume_dir = self._resume_point()
         self.task.setup(self.accelerator, self.run_dir)  # bad data fails here, before the run dir is written
-        self._resolve_num_epochs()
+        self._resolve_batch()
         self._write_run_header()
 
         model = self.task.build_model()
         optimizer = build_optimizer(model, self.tc)
         scheduler = build_scheduler(optimizer, self.tc)
-        train_dl, eval_dl = self.task.train_dataloader(), self.task.eval_dataloader()
-        for dataloader in (train_dl, eval_dl):
-            # Without a generator of its own, every new iterator (each epoch, and a resume) draws a seed from the
-            # global RNG and shifts dropout: a resumed run would no longer match the straight one.
-            dataloader.generator = torch.Generator().manual_seed(self.tc.seed)
-        model, optimizer, train_dl, eval_dl = self.accelerator.prepare(model, optimizer, train_dl, eval_dl)
+        eval_dl = self.task.eval_dataloader()
+        # Without a generator of its own, every new iterator draws a seed from the global RNG and shifts dropout.
+        eval_dl.generator = torch.Generator().manual_seed(self.tc.seed)
+        model, optimizer, eval_dl = self.accelerator.prepare(model, optimizer, eval_dl)
         self.accelerator.register_for_checkpointing(scheduler)
         self.model, self.optimizer, self.scheduler, self.eval_dl = model, optimizer, scheduler, eval_dl
 
+        geometry = {"num_processes": self.accelerator.num_processes, "micro_batch_size": self.micro_batch_size}
+        self.state = TrainerState(**geometry)
         if resume_dir is not None:
-            self.state = TrainerState(**self.checkpoints.load(resume_dir))
+            self.state = TrainerState(**{**geometry, **self.checkpoints.load(resume_dir)})
             self.state.status = "running"
+            self._check_geometry(resume_dir, geometry)
             self._print(f"resumed from {resume_dir} at step {self.state.step}")
         self.log = MetricsLog(self.run_dir, self.accelerator, self.state.step if resume_dir else None)
         if self.accelerator.log_with:
@@ -197,7 +231,7 @@ class Trainer:
             )
 
         with StopRequested() as stop:
-            self._loop(train_dl, stop)
+            self._loop(stop)
         if self.state.status == "interrupted":
             self.accelerator.end_training()
             return {"status": "interrupted", "step": self.state.step}
@@ -205,7 +239,18 @@ class Trainer:
         self.accelerator.end_training()
         return results
 
-    def _loop(self, train_dl, stop: StopRequested) -> None:
+    def _check_geometry(self, resume_dir: Path, geometry: dict) -> None:
+        """The data position counts global micro-batches of the checkpoint's geometry; a resume must share it."""
+        saved = {k: getattr(self.state, k) for k in geometry}
+        if saved["micro_batch_size"] and saved != geometry:
+            raise UserError(
+                f"train.resume_from={resume_dir}: the checkpoint was trained with {saved['num_processes']} process(es) "
+                f"of micro-batch {saved['micro_batch_size']}, this run has {geometry['num_processes']} of "
+                f"{geometry['micro_batch_size']}; resume with the same number of processes"
+            )
+        self.state.num_processes, self.state.micro_batch_size = geometry["num_processes"], geometry["micro_batch_size"]
+
+    def _loop(self, stop: StopRequested) -> None:
         acc, tc, model = self.accelerator, self.tc, self.model
         model.train()
         bar = tqdm(
@@ -215,71 +260,80 @@ class Trainer:
             dynamic_ncols=True,
             disable=not acc.is_local_main_process,
         )
-        window_loss, window_terms, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-        micro = 0
-        batches = self._micro_batches(train_dl)
+        # Sums over the logging window, kept on the device: read once per log, not once per micro-batch.
+        window = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss x terms, terms, tokens
+        window_start = time.perf_counter()
+        batches = self._micro_batches()
         while self.state.step < tc.max_steps:
-            batch = self.task.training_batch(next(batches), self.state.step)
-            with acc.accumulate(model):
-                loss = self.task.loss(model, batch)
-                terms = self.task.loss_terms(batch)
-                acc.backward(loss * self._share_of_global_batch(terms))
-                if acc.sync_gradients and tc.max_grad_norm > 0:
-                    acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item() * terms
-            window_terms += terms
-            window_tokens += self.task.count_tokens(batch)
-            micro += 1
-            if not acc.sync_gradients:
-                continue
+            step_batches = [next(batches) for _ in range(tc.gradient_accumulation_steps)]
+            terms = [self.task.loss_terms(b) for b in step_batches]
+            tokens = sum(self.task.count_tokens(b) for b in step_batches)
+            total_terms = self._global_sum(sum(terms))
+            for i, (batch, n_terms) in enumerate(zip(step_batches, terms)):
+                last = i == len(step_batches) - 1
+                with contextlib.nullcontext() if last else acc.no_sync(model):
+                    loss = self.task.loss(model, self._to_device(batch))
+                    # The mean over every term of the global batch, however it is split over processes and
+                    # micro-batches: this micro-batch's mean weighted by its share of the terms (x processes,
+                    # since DDP averages gradients over them). A process with more masked or target tokens counts
+                    # for more, as in fairseq.
+                    acc.backward(loss * (acc.num_processes * n_terms / max(total_terms, 1)))
+                window[0] += loss.detach().double() * n_terms
+            window[1] += sum(terms)
+            window[2] += tokens
+            if tc.max_grad_norm > 0:
+                acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             if not acc.optimizer_step_was_skipped:
                 self.scheduler.step()
             self.state.step += 1
             bar.update(1)
             step = self.state.step
-            self._check_finite(window_loss / max(window_terms, 1))
 
             if step % tc.log_every == 0 or step == tc.max_steps:
                 elapsed = time.perf_counter() - window_start
-                tokens = int(acc.reduce(torch.tensor(window_tokens, device=acc.device), "sum").item())
-                self.state.tokens_seen += tokens
-                loss_sum, terms_sum = acc.reduce(torch.tensor([window_loss, window_terms], device=acc.device), "sum")
-                mean_loss = (loss_sum / terms_sum.clamp_min(1)).item()  # per term over the window, all processes
+                loss_sum, terms_sum, tokens_sum = acc.reduce(window, "sum").tolist()
+                mean_loss = loss_sum / max(terms_sum, 1)  # per term over the window, all processes
+                self._check_finite(mean_loss)
+                self.state.tokens_seen += int(tokens_sum)
                 self.log.log(
                     {
                         "train/loss": mean_loss,
                         "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/tokens_per_s": tokens / max(elapsed, 1e-9),
+                        "train/tokens_per_s": tokens_sum / max(elapsed, 1e-9),
                         "train/tokens": self.state.tokens_seen,
                         "train/epoch": self.state.epoch,
                     },
                     step,
                 )
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
-                window_loss, window_terms, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                window.zero_()
+                window_start = time.perf_counter()
             if step % tc.eval_every == 0 and step < tc.max_steps:
                 self._evaluate(step, tc.max_eval_batches)
             if step % tc.save_every == 0 and step < tc.max_steps:
+                self._check_finite_window(window)
                 self._save()
             if self._stop_requested(stop):
+                self._check_finite_window(window)
                 self._save()
                 self.state.status = "interrupted"
                 self._print(f"stopped at step {step}; checkpoint saved; continue with train.resume_from=latest")
                 break
         bar.close()
 
-    def _share_of_global_batch(self, terms: int) -> float:
-        """The factor on this process's mean loss that makes the update the mean over every term of the global
-        batch, as one process holding the whole batch would take it: number of processes x this process's share
-        of the terms (DDP then averages the gradients over processes). A process holding more masked tokens or
-        target tokens counts for more, as in fairseq. 1.0 in a single process."""
+    def _global_sum(self, value: int) -> int:
+        """`value` summed over processes (one collective per step; none in a single process)."""
         acc = self.accelerator
         if acc.num_processes == 1:
-            return 1.0
-        total = acc.reduce(torch.tensor(float(terms), device=acc.device), "sum").item()
-        return acc.num_processes * terms / max(total, 1.0)
+            return value
+        return int(acc.reduce(torch.tensor(value, device=acc.device), "sum").item())
+
+    def _check_finite_window(self, window: torch.Tensor) -> None:
+        """Before a checkpoint: the loss since the last log must be finite, so no diverged weights are kept."""
+        loss_sum, terms_sum, _ = self.accelerator.reduce(window.clone(), "sum").tolist()
+        self._check_finite(loss_sum / max(terms_sum, 1))
 
     def _stop_requested(self, stop: StopRequested) -> bool:
         flag = torch.tensor(int(stop.requested), device=self.accelerator.device)

@@ -22,6 +22,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _prepared_cache(tmp_path_factory):
+    """Runs prepare raw-source recipes into one cache per test session (subprocesses inherit it), never ~/.cache."""
+    import os
+
+    os.environ["ROFORMER_CACHE"] = str(tmp_path_factory.mktemp("roformer_cache"))
+
+
 @pytest.fixture
 def tiny_config():
     """tiny_config(**overrides) -> a ModelConfig small enough for a CPU test (head size 8)."""

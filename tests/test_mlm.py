@@ -1,94 +1,144 @@
-"""MLM data pieces: documents, packing, the reproducible tokenizer, seeded masking, the built-in corpus."""
+"""MLM data: documents from every kind of source, the prepared token stream, blocks, seeded masking."""
 
+import gzip
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from roformer.config import MLMDataConfig
+from roformer.corpus import Source, documents, split_documents
 from roformer.errors import DataError
-from roformer.tasks.mlm import BlockCollator, SeededMasker, load_corpus, pack_documents, split_documents
-from roformer.tokenization import train_wordpiece
+from roformer.tasks.mlm import MaskingCollator, PackedBlocks, corpus_sources, prepare_corpus
+from roformer.tokenization import load_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = DATA / "text" / "wikitext2.valid.txt"
+SHAKESPEARE = DATA / "text" / "tiny_shakespeare.txt"
 
 
 def test_wikitext_articles_become_documents():
     lines = [" = Valkyria = ", "", " Some text . ", " = = History = = ", " More . ", " = Tower = ", " Other . "]
-    assert split_documents(lines) == ["= Valkyria = Some text . = = History = = More .", "= Tower = Other ."]
+    docs = list(split_documents(lines, titled=True))
+    assert docs == ["= Valkyria = Some text . = = History = = More .", "= Tower = Other ."]
 
 
 def test_plain_text_paragraphs_become_documents():
-    assert split_documents(["First:", "Hello.", "", "", "Second:", "Bye."]) == ["First: Hello.", "Second: Bye."]
+    assert list(split_documents(["First:", "Hello.", "", "", "Second:", "Bye."], titled=False)) == [
+        "First: Hello.",
+        "Second: Bye.",
+    ]
 
 
-@pytest.mark.parametrize("block_size", [8, 16, 64])
-def test_packing_keeps_every_token_in_order_within_block_size(block_size):
-    docs = [list(range(100, 100 + n)) for n in (3, 30, 1, 7, 12, 5)]
-    blocks = pack_documents(docs, block_size, cls_id=1, sep_id=2)
-    assert all(len(b) <= block_size and b[0] == 1 and b[-1] == 2 for b in blocks)
-    inner = [t for b in blocks for t in b[1:-1] if t != 2]
-    assert inner == [t for d in docs for t in d]
-    # a short document is never split across two blocks
-    for doc in docs:
-        if len(doc) <= block_size - 2:
-            assert any(doc == b[i : i + len(doc)] for b in blocks for i in range(len(b))), doc
+def test_every_file_format_is_one_stream_of_documents(tmp_path):
+    (tmp_path / "a.txt").write_text("one two\nthree\n\nfour\n")
+    with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
+        f.write("five six\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "seven"}) + "\n" + json.dumps({"text": "eight"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1, 2], "text": ["nine", "ten"]}), tmp_path / "d.parquet")
+    docs = list(documents([Source(files=[str(tmp_path)])]))
+    assert docs == ["one two three", "four", "five six", "seven", "eight", "nine", "ten"]
+    assert list(documents([Source(files=[str(tmp_path / "*.jsonl")], weight=1.5)])) == ["seven", "eight", "eight"]
 
 
-def test_wordpiece_has_bert_special_tokens_and_template():
-    docs = split_documents(WIKITEXT.read_text(encoding="utf-8").splitlines()[:400])
-    tok = train_wordpiece(docs, 1500, 128)
-    assert len(tok) == 1500
-    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    pair = tok("the tower", "is tall")
-    assert pair["input_ids"][0] == tok.cls_token_id and pair["input_ids"][-1] == tok.sep_token_id
-    assert pair["token_type_ids"][-1] == 1 and pair["token_type_ids"][0] == 0
+def test_a_hub_dataset_with_one_article_per_row_gives_one_document_per_row(tmp_path):
+    """The layout of wikimedia/wikipedia (id, url, title, text), read through datasets' streaming loader from a
+    local directory, as the hub would serve it; no text column is a one-line error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hub = tmp_path / "wiki"
+    hub.mkdir()
+    articles = [f"Article {i}.\n\nIt has two paragraphs, the second about {i}." for i in range(60)]
+    table = pa.table({"id": [str(i) for i in range(60)], "url": ["u"] * 60, "title": ["t"] * 60, "text": articles})
+    pq.write_table(table, hub / "train-00000-of-00001.parquet")
+    data = MLMDataConfig(corpus="hub", hub_name=str(hub))
+    train, validation = corpus_sources(data)
+    assert list(documents(train)) == articles and validation == []
+    with pytest.raises(DataError, match="no text column 'body'; columns: id, url, title, text"):
+        list(documents(corpus_sources(MLMDataConfig(corpus="hub", hub_name=str(hub), text_column="body"))[0]))
+
+
+def _prepare(tmp_path, **data):
+    cfg = MLMDataConfig(corpus="files", train_files=[str(WIKITEXT)], tokenizer_vocab_size=1200, max_seq_length=64,
+                        **data)  # fmt: skip
+    return cfg, prepare_corpus(cfg, tmp_path / "prepared", num_proc=1)
 
 
 @pytest.fixture(scope="module")
-def masker_and_batch():
-    docs = split_documents(WIKITEXT.read_text(encoding="utf-8").splitlines()[:400])
-    tok = train_wordpiece(docs, 1500, 128)
-    ids = tok(docs[:40], add_special_tokens=False)["input_ids"]
-    blocks = pack_documents(ids, 64, tok.cls_token_id, tok.sep_token_id)
-    examples = [{"input_ids": b, "example_index": i} for i, b in enumerate(blocks)]
-    batch = BlockCollator(tok.pad_token_id, tok.all_special_ids)(examples[:16])
-    return SeededMasker(tok, 0.15, seed=7), batch, tok
+def prepared(tmp_path_factory):
+    return _prepare(tmp_path_factory.mktemp("mlm"))
 
 
-def test_masking_rate_and_80_10_10(masker_and_batch):
-    masker, batch, tok = masker_and_batch
-    masked = torch.stack([masker(batch, salt=s)["labels"] != -100 for s in range(40)])
-    maskable = (batch["special_tokens_mask"] == 0).expand_as(masked)
-    assert not masked[~maskable].any()  # never [CLS], [SEP] or padding
-    assert masked[maskable].float().mean().item() == pytest.approx(0.15, abs=0.01)
-    out = masker(batch, salt=3)
+def test_the_prepared_stream_is_every_document_tokenized_with_sep_between(prepared):
+    cfg, dataset = prepared
+    tok = load_tokenizer(dataset.tokenizer_dir)
+    docs = list(documents(corpus_sources(cfg)[0]))
+    held_out = [i for i in range(len(docs)) if int((i + 1) * 0.2) > int(i * 0.2)]  # one in five, evenly
+    expected = {"train": [], "validation": []}
+    for i, doc in enumerate(docs):
+        ids = tok(doc, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+        expected["validation" if i in held_out else "train"].extend(ids)
+    for split in ("train", "validation"):
+        stream = dataset.stream(split, "tokens")
+        assert stream.tokens(0, len(stream)).tolist() == expected[split]
+    assert dataset.manifest["counts"]["validation"]["documents"] == len(held_out)
+    assert dataset.manifest["dtype"] == "<u2" and dataset.block_length == 64
+
+
+def test_blocks_are_full_length_cuts_of_the_stream(prepared):
+    _, dataset = prepared
+    tok = load_tokenizer(dataset.tokenizer_dir)
+    stream = dataset.stream("train", "tokens")
+    blocks = PackedBlocks(stream, 64, tok.cls_token_id, tok.sep_token_id)
+    assert len(blocks) == len(stream) // 62
+    body = np.concatenate([blocks[k]["input_ids"][1:-1] for k in range(len(blocks))])
+    assert body.tolist() == stream.tokens(0, len(blocks) * 62).tolist()
+    assert all(blocks[k]["input_ids"][0] == tok.cls_token_id and len(blocks[k]["input_ids"]) == 64 for k in (0, 5))
+    assert blocks[len(blocks) + 3]["input_ids"].tolist() == blocks[3]["input_ids"].tolist()  # a later epoch's key
+
+
+def test_validation_is_capped_in_blocks(tmp_path):
+    _, dataset = _prepare(tmp_path, max_validation_blocks=10)
+    # WikiText's articles are long: the first held-out article already holds more than 10 blocks, so it is the only one
+    assert dataset.manifest["counts"]["validation"]["documents"] == 1
+    assert len(dataset.stream("validation", "tokens")) > 10 * 62
+
+
+def test_masking_rate_80_10_10_and_seeds_by_position_in_the_data(prepared):
+    _, dataset = prepared
+    tok = load_tokenizer(dataset.tokenizer_dir)
+    blocks = PackedBlocks(dataset.stream("train", "tokens"), 64, tok.cls_token_id, tok.sep_token_id)
+    collate = MaskingCollator(tok, 0.15, seed=7)
+    items = [blocks[k] for k in range(64)]
+    out = collate(items)
     chosen = out["labels"] != -100
-    as_mask = (out["input_ids"] == tok.mask_token_id) & chosen
-    assert as_mask.sum() / chosen.sum() == pytest.approx(0.8, abs=0.1)
+    special = torch.isin(torch.from_numpy(np.stack([i["input_ids"] for i in items])), torch.tensor(tok.all_special_ids))
+    assert not chosen[special].any()  # never [CLS] or [SEP]
+    assert chosen[~special].float().mean().item() == pytest.approx(0.15, abs=0.02)
+    assert ((out["input_ids"] == tok.mask_token_id) & chosen).sum() / chosen.sum() == pytest.approx(0.8, abs=0.05)
+    assert "attention_mask" not in out  # full blocks: nothing to mask out
+    # the same block at the same position masks the same in any batch; a later epoch (key + len) masks anew
+    assert torch.equal(collate(items[32:])["labels"], out["labels"][32:])
+    later = collate([blocks[k + len(blocks)] for k in range(64)])
+    assert not torch.equal(later["labels"], out["labels"])
 
 
-def test_masks_are_seeded_by_step_and_example_not_by_batch(masker_and_batch):
-    masker, batch, _ = masker_and_batch
-    full = masker(batch, salt=5)
-    assert torch.equal(full["labels"], masker(batch, salt=5)["labels"])  # same step: same masks
-    assert not torch.equal(full["labels"], masker(batch, salt=6)["labels"])  # next step: new masks
-    half = {k: v[8:] for k, v in batch.items()}  # the same examples in another batch (another process)
-    assert torch.equal(full["labels"][8:], masker(half, salt=5)["labels"])
-
-
-def test_held_out_fraction_splits_documents():
-    data = MLMDataConfig(corpus="files", train_files=[str(WIKITEXT)], validation_fraction=0.2)
-    train, valid = load_corpus(data, seed=1)
-    assert len(valid) == round((len(train) + len(valid)) * 0.2)
-    assert not set(train) & set(valid)
-    assert load_corpus(data, seed=1) == (train, valid)
-
-
-def test_missing_train_files_is_a_data_error(tmp_path):
+def test_bad_sources_are_data_errors(tmp_path):
     with pytest.raises(DataError, match="nothing.txt: file not found"):
-        load_corpus(MLMDataConfig(corpus="files", train_files=[str(tmp_path / "nothing.txt")]), seed=0)
+        prepare_corpus(MLMDataConfig(corpus="files", train_files=[str(tmp_path / "nothing.txt")]), tmp_path / "p")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.txt: the source holds no text"):
+        prepare_corpus(MLMDataConfig(corpus="files", train_files=[str(tmp_path / "empty.txt")]), tmp_path / "p")
+    (tmp_path / "short.txt").write_text("a few words\n\nand some more\n")
+    with pytest.raises(DataError, match="the corpus is too small"):
+        prepare_corpus(MLMDataConfig(corpus="files", train_files=[str(tmp_path / "short.txt")]), tmp_path / "p")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()  # nothing half-written
 
 
 def test_builtin_corpus_is_python_documentation():

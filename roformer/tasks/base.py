@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from roformer.config import RunConfig
 from roformer.modeling import PreTrainedModel
 
 
 class Task(ABC):
-    """One experiment. The trainer calls, in order: `setup`, `build_model`, the dataloaders, then per step
-    `training_batch` and `loss`, and at the end `save_artifacts` and `final_evaluation`."""
+    """One experiment. The trainer calls, in order: `setup`, `build_model`, the training data (`train_dataset`,
+    `train_collator`, `epoch_batches`) and `eval_dataloader`, then per micro-batch `loss`, and at the end
+    `save_artifacts` and `final_evaluation`."""
+
+    batch_unit = "sequences"
+    """What train.global_batch_size counts for this task: sequences, or tokens (translation)."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -32,15 +38,24 @@ class Task(ABC):
     def build_model(self) -> PreTrainedModel: ...
 
     @abstractmethod
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches; the trainer seeds the order per epoch, so runs and resumes see the same data."""
+    def train_dataset(self) -> Dataset:
+        """Training examples, read by index (the keys `epoch_batches` yields)."""
+
+    @abstractmethod
+    def train_collator(self) -> Callable[[list], dict[str, torch.Tensor]]:
+        """Examples -> a CPU batch; runs in DataLoader workers, so per-example randomness (MLM masking) lives here,
+        seeded by the example's position in the data, never by the global RNG."""
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> Sequence[np.ndarray]:
+        """The keys of every micro-batch of `epoch`, in order: by default the examples in a random order seeded
+        by (seed, epoch), `batch_size` at a time, a short tail dropped. Deterministic, so a resume seeks to any
+        position without reading the batches before it."""
+        n = len(self.train_dataset())
+        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
+        return order[: n // batch_size * batch_size].reshape(-1, batch_size)
 
     @abstractmethod
     def eval_dataloader(self) -> DataLoader: ...
-
-    def training_batch(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """Per-step randomness that must not depend on the global RNG (e.g. MLM masking seeded by step)."""
-        return batch
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

@@ -481,8 +481,11 @@ class GLUETask(Task):
             num_workers=self.cfg.train.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set.remove_columns("idx"), shuffle=True)
+    def train_dataset(self):
+        return self.train_set.remove_columns("idx")
+
+    def train_collator(self) -> DataCollatorWithPadding:
+        return DataCollatorWithPadding(self.tokenizer)  # pads each batch to its longest row
 
     def eval_dataloader(self) -> DataLoader:
         """The first dev set (MNLI: matched); final_evaluation adds the others."""

@@ -1,174 +1,305 @@
-"""Masked-LM pretraining (BERT style): corpus, WordPiece tokenizer, document-aware packing, dynamic masking.
+"""Masked-LM pretraining (BERT style): a prepared token stream cut into full blocks, dynamic seeded masking.
 
-Masking is dynamic (new masks every step, 80/10/10 by `DataCollatorForLanguageModeling`) but seeded per
-example and step rather than by the global RNG: a resumed run, and a run split over several processes,
-mask exactly what the straight single-process run masks.
+Data: `roformer prepare` (or a run's main process, on first use) turns the corpus into a token stream on disk
+in which every document is followed by [SEP]. Block k is [CLS] + the stream's tokens k*(L-2) .. (k+1)*(L-2) +
+[SEP]: exactly `max_seq_length` tokens, no padding, read from memory maps whatever the corpus size.
+
+Masking is dynamic (new masks every epoch, 80/10/10 by `DataCollatorForLanguageModeling`) and runs in the
+DataLoader on the CPU, each block drawn from a generator seeded by (seed, epoch, block): a resumed run, and a
+run split over several processes, mask exactly what the straight single-process run masks.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import math
-import random
-import re
+import os
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from transformers import DataCollatorForLanguageModeling
 
-from roformer.builtin_corpus import builtin_documents
 from roformer.config import MLMDataConfig, RunConfig
-from roformer.data_files import expand_text_files, read_utf8
+from roformer.corpus import Source, documents, keep_fraction
 from roformer.errors import DataError
 from roformer.modeling import RoFormerForMaskedLM, load_pretrained
+from roformer.prepare import (
+    CHUNK_CHARS,
+    DEFAULT_SHARD_TOKENS,
+    PROGRESS_EVERY,
+    Encoder,
+    Preparation,
+    chunks,
+    default_cache_dir,
+    progress_bar,
+)
+from roformer.prepared import PreparedDataset, TokenStream
 from roformer.tasks.base import Task
-from roformer.tokenization import load_tokenizer, train_wordpiece
+from roformer.tokenization import load_tokenizer, tokenizer_fingerprint, train_wordpiece
 
-WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")  # ' = Title = ' starts an article; ' = = Section = = ' does not
-PACKING_GROUP = 10_000  # documents packed together by one `datasets.map` batch
-EVAL_SALT = 1_000_003  # keeps evaluation masks apart from any training step's
+EVAL_SALT = 1_000_003  # keeps evaluation masks apart from any training epoch's
+TOKENIZER_ALGORITHM = "wordpiece-bert-lowercase-v1"  # in the fingerprint: a change of training code is a new dataset
 
 
 # --------------------------------------------------------------------------------------------------
-# Corpus
+# Sources and preparation
 # --------------------------------------------------------------------------------------------------
 
 
-def split_documents(lines: list[str]) -> list[str]:
-    """Lines -> documents: WikiText articles when the text has ' = Title = ' headers, else blank-line paragraphs."""
-    if any(WIKITEXT_TITLE.match(line) for line in lines):
-        documents, current = [], []
-        for line in lines:
-            if WIKITEXT_TITLE.match(line) and current:
-                documents.append(current)
-                current = []
-            current.append(line)
-        documents.append(current)
-        return [" ".join(line.strip() for line in doc if line.strip()) for doc in documents]
-    documents, current = [], []
-    for line in lines + [""]:
-        if line.strip():
-            current.append(line.strip())
-        elif current:
-            documents.append(" ".join(current))
-            current = []
-    return documents
+# --------------------------------------------------------------------------------------------------
+# Sources and preparation
+# --------------------------------------------------------------------------------------------------
 
 
-def read_documents(files: list[str]) -> list[str]:
-    documents = []
-    for path in expand_text_files(files):
-        documents.extend(split_documents(read_utf8(path).splitlines()))
-    return [d for d in documents if d.strip()]
-
-
-def hub_documents(data: MLMDataConfig, split: str) -> list[str]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(data.hub_name, data.hub_config, split=split)
-    except Exception as err:  # the hub is a user's input: report it in one line
-        raise DataError(f"data.hub_name={data.hub_name}: could not load split {split!r} ({err})") from None
-    return split_documents(rows[data.text_column])
-
-
-def load_corpus(data: MLMDataConfig, seed: int) -> tuple[list[str], list[str]]:
-    """(train documents, validation documents) for the configured source."""
+def corpus_sources(data: MLMDataConfig) -> tuple[list[Source], list[Source]]:
+    """(training sources, explicit validation sources) named by the config; no validation source means held out."""
     if data.corpus == "builtin":
-        train = list(builtin_documents())
+        main = Source(builtin=True)
     elif data.corpus == "files":
         if not data.train_files:
             raise DataError("data.train_files is empty; list text files or directories (data.corpus=files)")
-        train = read_documents(data.train_files)
+        main = Source(files=data.train_files, text_column=data.text_column)
     else:
         if not data.hub_name:
             raise DataError("data.hub_name is empty; name a hub dataset (data.corpus=hub)")
-        train = hub_documents(data, "train")
-    if data.max_documents:
-        train = train[: data.max_documents]
+        main = Source(hub_name=data.hub_name, hub_config=data.hub_config, text_column=data.text_column)
+    extra = [Source(s.files, s.hub_name, s.hub_config, s.split, s.text_column, s.weight) for s in data.sources]
+    validation = []
     if data.validation_files:
-        return train, read_documents(data.validation_files)
-    if data.corpus == "hub" and not data.validation_files:
-        try:
-            return train, hub_documents(data, "validation")
-        except DataError:
-            pass  # no validation split: hold out a fraction below
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    held_out = max(1, round(len(train) * data.validation_fraction))
-    if len(train) - held_out < 1:
-        raise DataError(f"the corpus has {len(train)} document(s); too few to hold out a validation set")
-    return [train[i] for i in sorted(order[held_out:])], [train[i] for i in sorted(order[:held_out])]
+        validation = [Source(files=data.validation_files, text_column=data.text_column)]
+    elif data.corpus == "hub" and hub_has_split(main, "validation"):
+        validation = [Source(hub_name=data.hub_name, hub_config=data.hub_config, split="validation",
+                             text_column=data.text_column)]  # fmt: skip
+    return [main, *extra], validation
 
 
-# --------------------------------------------------------------------------------------------------
-# Tokenizer and packing
-# --------------------------------------------------------------------------------------------------
+def hub_has_split(source: Source, split: str) -> bool:
+    import datasets
+
+    try:
+        return split in datasets.get_dataset_split_names(source.hub_name, source.hub_config)
+    except Exception:  # unreachable or unknown: the training split's loading reports it properly
+        return False
 
 
-def pack_documents(token_lists: list[list[int]], block_size: int, cls_id: int, sep_id: int) -> list[list[int]]:
-    """Document-aware packing: whole documents (or block-sized pieces of long ones), separated by [SEP], are
-    packed greedily into blocks of at most `block_size` tokens, each `[CLS] ... [SEP]`. A piece never straddles
-    two blocks."""
-    room = block_size - 2
-    pieces = [ids[i : i + room] for ids in token_lists if ids for i in range(0, len(ids), room)]
-    blocks, current = [], []
-    for piece in pieces:
-        needed = len(piece) + (1 if current else 0)
-        if current and len(current) + needed > room:
-            blocks.append(current)
-            current = []
-        current = current + [sep_id] + piece if current else list(piece)
-    if current:
-        blocks.append(current)
-    return [[cls_id, *block, sep_id] for block in blocks]
+def check_not_empty(sources: list[Source]) -> None:
+    from roformer.corpus import source_documents
+
+    for source in sources:
+        if next(iter(source_documents(source)), None) is None:
+            where = f"data.hub_name={source.hub_name}" if source.hub_name else ", ".join(source.files) or "builtin"
+            raise DataError(f"{where}: the source holds no text (no non-empty document)")
 
 
-class BlockCollator:
-    """Pads blocks to the longest in the batch; keeps each example's index (its masking seed)."""
+def tokenizer_sample(sources: list[Source], max_bytes: int) -> list[str]:
+    """At most ~max_bytes of documents to train the tokenizer on: an evenly spread share when the corpus size is
+    known (local files), else the first documents."""
+    sizes = [s.size_bytes() for s in sources]
+    if None not in sizes and sum(sizes) > max_bytes:
+        fraction = max_bytes / sum(sizes)
+        return [doc for i, doc in enumerate(documents(sources)) if keep_fraction(i, fraction)]
+    sample, size = [], 0
+    for doc in documents(sources):
+        sample.append(doc)
+        size += len(doc)
+        if size >= max_bytes:
+            break
+    return sample
 
-    def __init__(self, pad_id: int, special_ids: list[int]):
-        self.pad_id = pad_id
-        self.special_ids = torch.tensor(special_ids)
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), longest), self.pad_id, dtype=torch.long)
-        for row, e in enumerate(examples):
-            ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        batch = {
-            "input_ids": ids,
-            "attention_mask": (ids != self.pad_id).long(),
-            "special_tokens_mask": torch.isin(ids, self.special_ids).long(),
-            "example_index": torch.tensor([e["example_index"] for e in examples]),
+def corpus_settings(data: MLMDataConfig, train: list[Source], validation: list[Source], tokenizer) -> dict:
+    """What decides a prepared corpus's content (its fingerprint), read without reading the text."""
+    import platform
+
+    if tokenizer is not None:
+        tokenizer_settings = {"fingerprint": tokenizer_fingerprint(tokenizer)}
+    else:
+        tokenizer_settings = {"train": TOKENIZER_ALGORITHM, "vocab_size": data.tokenizer_vocab_size,
+                              "sample_mb": data.tokenizer_sample_mb}  # fmt: skip
+    return {
+        "sources": [s.describe() for s in train],
+        "validation_sources": [s.describe() for s in validation],
+        "validation_fraction": None if validation else data.validation_fraction,
+        "max_validation_blocks": data.max_validation_blocks,
+        "max_documents": data.max_documents,
+        "block_length": data.max_seq_length,
+        "tokenizer": tokenizer_settings,
+        "python": platform.python_version() if any(s.builtin for s in train) else None,  # the builtin corpus
+    }
+
+
+def prepare_corpus(
+    data: MLMDataConfig, out: str | Path, num_proc: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS
+) -> PreparedDataset:
+    """Prepare the configured corpus into `out` (resuming an interrupted preparation there), or return it when
+    `out` already holds it. Documents are held out for validation evenly through the corpus (one in every
+    1 / validation_fraction) until max_validation_blocks blocks' worth, unless validation text is named."""
+    train_sources, validation_sources = corpus_sources(data)
+    given = load_tokenizer(data.tokenizer) if data.tokenizer else None
+    prep = Preparation(Path(out), "mlm", corpus_settings(data, train_sources, validation_sources, given), ["tokens"])
+    prep.shard_tokens, prep.num_proc = shard_tokens, num_proc or data.num_proc or cores()
+    prep.extra_manifest = {"block_length": data.max_seq_length}
+    if (finished := prep.finished()) is not None:
+        return finished
+    check_not_empty(train_sources + validation_sources)
+    start = time.perf_counter()
+
+    def make_tokenizer():
+        if given is not None:
+            return given
+        print(f"training a {data.tokenizer_vocab_size}-token WordPiece tokenizer", file=sys.stderr)
+        sample = tokenizer_sample(train_sources, data.tokenizer_sample_mb * 2**20)
+        return train_wordpiece(sample, data.tokenizer_vocab_size, data.max_seq_length)
+
+    progress = prep.start(make_tokenizer)
+    writers = {split: prep.writers(split, progress) for split in ("train", "validation")}
+    cap = data.max_validation_blocks * (data.max_seq_length - 2)
+    encoder = Encoder(prep.tokenizer, prep.tokenizer.sep_token_id, prep.dtype, prep.num_proc)
+    bar = progress_bar(f"preparing {Path(out).name}")
+    phases = [("train", itertools.islice(documents(train_sources), data.max_documents))]
+    phases += [("validation", documents(validation_sources))] if validation_sources else []
+    for phase, docs in phases:
+        if progress.get("phase", "train") == "validation" and phase == "train":
+            continue  # finished before the interruption
+        progress["phase"] = phase
+        done = progress.get("documents", 0)
+        texts = ((doc,) for doc in itertools.islice(docs, done, None))
+        for number, (chunk, [(ids, lengths)]) in enumerate(encoder.map(chunks(texts, CHUNK_CHARS)), start=1):
+            index = done + np.arange(len(lengths))
+            if phase == "validation":
+                to_valid = np.ones(len(lengths), dtype=bool)
+            elif validation_sources:
+                to_valid = np.zeros(len(lengths), dtype=bool)
+            else:
+                to_valid = ((index + 1) * data.validation_fraction).astype(np.int64) > (
+                    index * data.validation_fraction
+                ).astype(np.int64)
+            held = progress.get("validation_tokens", 0) + np.cumsum(np.where(to_valid, lengths, 0)) - lengths
+            to_valid &= held < cap  # a document is held out while the validation set is short of its cap
+            by_token = np.repeat(to_valid, lengths)
+            if phase == "train":
+                writers["train"]["tokens"].append(ids[~by_token], lengths[~to_valid])
+            writers["validation"]["tokens"].append(ids[by_token], lengths[to_valid])
+            done += len(lengths)
+            progress["documents"] = done
+            progress["validation_tokens"] = progress.get("validation_tokens", 0) + int(lengths[to_valid].sum())
+            bar.update(sum(len(doc) for (doc,) in chunk))
+            if number % PROGRESS_EVERY == 0:
+                prep.record(progress, writers)
+        if phase == "train" and validation_sources:
+            progress.update(phase="validation", documents=0)
+            prep.record(progress, writers)
+    bar.close()
+
+    counts = {
+        split: {
+            "documents": sum(s.items for s in ws["tokens"].shards),
+            "tokens": sum(s.tokens for s in ws["tokens"].shards),
         }
-        if "labels" in examples[0]:
-            batch["labels"] = torch.full_like(ids, -100)
-            for row, e in enumerate(examples):
-                batch["labels"][row, : len(e["labels"])] = torch.tensor(e["labels"])
-        return batch
+        for split, ws in writers.items()
+    }
+    block = data.max_seq_length - 2
+    if counts["train"]["tokens"] < block or counts["validation"]["tokens"] < block:
+        prep.abandon()
+        raise DataError(
+            f"the corpus is too small: {counts['train']['documents']} training and {counts['validation']['documents']}"
+            f" validation documents, {counts['train']['tokens']} and {counts['validation']['tokens']} tokens; each "
+            f"split needs at least one block of {data.max_seq_length} tokens (data.max_seq_length)"
+            + ("" if validation_sources else f", and one document in {1 / data.validation_fraction:.0f} is held out")
+        )
+    return prep.finish(writers, counts, time.perf_counter() - start)
 
 
-class SeededMasker:
-    """`DataCollatorForLanguageModeling`'s 80/10/10 masking, each row drawn from its own seeded generator."""
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    def __init__(self, tokenizer, mlm_probability: float, seed: int):
-        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
-        self.seed = seed
 
-    def _row_seed(self, salt: int, index: int) -> int:
-        return (self.seed * 0x9E3779B1 + salt * 0x85EBCA77 + index) % 2**63
-
-    def __call__(self, batch: dict[str, torch.Tensor], salt: int) -> dict[str, torch.Tensor]:
-        """Masks row r with a generator seeded by (seed, salt, example_index[r]); salt is the training step."""
-        inputs, labels = batch["input_ids"].clone(), torch.empty_like(batch["input_ids"])
-        for row, index in enumerate(batch["example_index"].tolist()):
-            self.collator.generator = torch.Generator().manual_seed(self._row_seed(salt, index))
-            inputs[row], labels[row] = self.collator.torch_mask_tokens(
-                batch["input_ids"][row : row + 1].clone(), batch["special_tokens_mask"][row : row + 1]
+def prepared_corpus(cfg: RunConfig, accelerator) -> PreparedDataset:
+    """The run's prepared dataset: `data.prepared`, or the sources prepared into the cache on first use (by the
+    main process; the others wait, under a process-group timeout long enough for a large corpus)."""
+    data = cfg.data
+    if data.prepared:
+        dataset = PreparedDataset(data.prepared)
+    else:
+        cache = Path(data.prepared_cache) if data.prepared_cache else default_cache_dir()
+        train, validation = corpus_sources(data)
+        given = load_tokenizer(data.tokenizer) if data.tokenizer else None
+        settings = corpus_settings(data, train, validation, given)
+        out = cache / f"mlm-{Preparation(cache, 'mlm', settings, ['tokens']).fingerprint}"
+        if accelerator.is_main_process:
+            dataset = prepare_corpus(data, out)
+        accelerator.wait_for_everyone()
+        dataset = PreparedDataset(out)
+    where = data.prepared or f"{dataset.path} (prepared from the recipe's sources)"
+    if dataset.kind != "mlm":
+        raise DataError(f"data.prepared={where}: holds {dataset.kind} data, not an MLM corpus")
+    if dataset.block_length != data.max_seq_length:
+        raise DataError(
+            f"data.prepared={where}: prepared for blocks of {dataset.block_length} tokens, but data.max_seq_length="
+            f"{data.max_seq_length}; prepare it again for this length, or train at {dataset.block_length}"
+        )
+    if data.tokenizer:
+        wanted = tokenizer_fingerprint(load_tokenizer(data.tokenizer))
+        if wanted != dataset.manifest["tokenizer_fingerprint"]:
+            raise DataError(
+                f"data.prepared={where}: its token ids come from another tokenizer than data.tokenizer="
+                f"{data.tokenizer} (fingerprints {dataset.manifest['tokenizer_fingerprint']} and {wanted})"
             )
-        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks and masking
+# --------------------------------------------------------------------------------------------------
+
+
+class PackedBlocks(torch.utils.data.Dataset):
+    """Block k of a token stream: [CLS] + stream[k*(L-2) : (k+1)*(L-2)] + [SEP], exactly L tokens.
+
+    Keys may run past len(self): key = epoch * len + k, so each item knows its position in the data (the seed
+    of its mask)."""
+
+    def __init__(self, stream: TokenStream, block_length: int, cls_id: int, sep_id: int, limit: int | None = None):
+        self.stream, self.body, self.cls_id, self.sep_id = stream, block_length - 2, cls_id, sep_id
+        self.count = len(stream) // self.body if limit is None else min(limit, len(stream) // self.body)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, key: int) -> dict:
+        k = int(key) % self.count
+        block = np.empty(self.body + 2, dtype=np.int64)
+        block[0], block[-1] = self.cls_id, self.sep_id
+        block[1:-1] = self.stream.tokens(k * self.body, (k + 1) * self.body)
+        return {"input_ids": block, "key": int(key)}
+
+
+class MaskingCollator:
+    """Stacks blocks and masks them 80/10/10 (`DataCollatorForLanguageModeling`), each row with a generator
+    seeded by (seed, salt, key): the same block at the same position in the data gets the same mask, in any
+    process and after any resume. Blocks are never padded, so no attention mask is passed (SDPA's fast path)."""
+
+    def __init__(self, tokenizer, mlm_probability: float, seed: int, salt: int = 0):
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
+        self.special_ids = torch.tensor(tokenizer.all_special_ids)
+        self.seed, self.salt = seed, salt
+
+    def row_seed(self, key: int) -> int:
+        return (self.seed * 0x9E3779B1 + self.salt * 0x85EBCA77 + key) % 2**63
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.stack([item["input_ids"] for item in items]))
+        special = torch.isin(ids, self.special_ids)
+        inputs, labels = ids.clone(), torch.empty_like(ids)
+        for row, item in enumerate(items):
+            self.collator.generator = torch.Generator().manual_seed(self.row_seed(item["key"]))
+            inputs[row], labels[row] = self.collator.torch_mask_tokens(
+                ids[row : row + 1].clone(), special[row : row + 1]
+            )
+        return {"input_ids": inputs, "labels": labels}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,88 +314,23 @@ class MLMTask(Task):
 
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
-        train_docs, valid_docs = load_corpus(data, cfg.train.seed)
-        tokenizer_dir = run_dir / "tokenizer"
-        if data.tokenizer:
-            self.tokenizer = load_tokenizer(data.tokenizer)
-        elif cfg.train.resume_from and tokenizer_dir.is_dir():
-            self.tokenizer = load_tokenizer(tokenizer_dir)  # a resumed run keeps its vocabulary
-        else:
-            with accelerator.main_process_first():
-                self.tokenizer = train_wordpiece(train_docs, data.tokenizer_vocab_size, data.max_seq_length)
+        self.dataset = prepared_corpus(cfg, accelerator)
+        self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)  # the vocabulary the ids were made with
         cfg.model.vocab_size = len(self.tokenizer)
         cfg.model.pad_token_id = self.tokenizer.pad_token_id
         if accelerator.is_main_process:
-            self.tokenizer.save_pretrained(tokenizer_dir)
-
-        self.train_blocks = self._blocks(train_docs, accelerator, run_dir / "cache", "train")
-        self.eval_blocks = self._blocks(valid_docs, accelerator, run_dir / "cache", "validation")
-        if not len(self.train_blocks) or not len(self.eval_blocks):
-            raise DataError("the corpus produced no training or validation blocks")
-        self.masker = SeededMasker(self.tokenizer, data.mlm_probability, cfg.train.seed)
-        self.eval_examples = self._premasked(self.eval_blocks.to_list())
-
-    def _blocks(self, documents: list[str], accelerator, cache_dir: Path, split: str):
-        """Tokenize and pack with `datasets.map`, computed once on the main process and cached in the run's
-        cache/ under a name that changes with the text, the vocabulary and the block length."""
-        import datasets
-
-        tok, block_size = self.tokenizer, self.data.max_seq_length
-        key = hashlib.sha256(f"{tok.backend_tokenizer.to_str()}|{block_size}|".encode())
-        for document in documents:
-            key.update(document.encode())
-        prefix = str(cache_dir / f"{split}-{key.hexdigest()[:16]}")
-
-        def tokenize(batch):
-            # the Rust tokenizer directly: documents are longer than a block by design, and no warning is due
-            return {"ids": [e.ids for e in tok.backend_tokenizer.encode_batch(batch["text"], add_special_tokens=False)]}
-
-        def pack(batch):  # blocks never span two groups of PACKING_GROUP documents
-            return {"input_ids": pack_documents(batch["ids"], block_size, tok.cls_token_id, tok.sep_token_id)}
-
-        def number(batch, indices):
-            return {"example_index": indices}
-
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with accelerator.main_process_first():
-            texts = datasets.Dataset.from_dict({"text": documents})
-            ids = texts.map(
-                tokenize,
-                batched=True,
-                remove_columns=["text"],
-                cache_file_name=f"{prefix}-ids.arrow",
-                desc=f"tokenizing {split}",
-            )
-            blocks = ids.map(
-                pack,
-                batched=True,
-                batch_size=PACKING_GROUP,
-                remove_columns=["ids"],
-                cache_file_name=f"{prefix}-blocks.arrow",
-                desc=f"packing {split}",
-            )
-            return blocks.map(number, batched=True, with_indices=True, cache_file_name=f"{prefix}-numbered.arrow")
-
-    def _premasked(self, blocks: list[dict]) -> list[dict]:
-        """Evaluation masks are drawn once, so every evaluation scores the same predictions."""
-        collate = self._collator()
-        examples = []
-        for start in range(0, len(blocks), 256):
-            masked = self.masker(collate(blocks[start : start + 256]), salt=EVAL_SALT)
-            for row, block in enumerate(blocks[start : start + 256]):
-                n = len(block["input_ids"])
-                examples.append(
-                    {
-                        "input_ids": masked["input_ids"][row, :n].tolist(),
-                        "labels": masked["labels"][row, :n].tolist(),
-                        "example_index": block["example_index"],
-                    }
-                )
-        return examples
-
-    def _collator(self) -> BlockCollator:
+            self.tokenizer.save_pretrained(run_dir / "tokenizer")
         tok = self.tokenizer
-        return BlockCollator(tok.pad_token_id, tok.all_special_ids)
+        self.train_blocks = PackedBlocks(
+            self.dataset.stream("train", "tokens"), data.max_seq_length, tok.cls_token_id, tok.sep_token_id
+        )
+        self.eval_blocks = PackedBlocks(
+            self.dataset.stream("validation", "tokens"),
+            data.max_seq_length,
+            tok.cls_token_id,
+            tok.sep_token_id,
+            limit=data.max_validation_blocks,
+        )
 
     def build_model(self) -> RoFormerForMaskedLM:
         if self.cfg.init_from:
@@ -274,34 +340,38 @@ class MLMTask(Task):
             return model
         return RoFormerForMaskedLM(self.cfg.model)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_blocks,
+    def train_dataset(self) -> PackedBlocks:
+        return self.train_blocks
+
+    def train_collator(self) -> MaskingCollator:
+        return MaskingCollator(self.tokenizer, self.data.mlm_probability, self.cfg.train.seed)
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> np.ndarray:
+        """The epoch's blocks in a seeded random order, as keys that carry the epoch (a new mask every epoch)."""
+        n = len(self.train_blocks)
+        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
+        usable = n // batch_size * batch_size
+        return (order[:usable] + epoch * n).reshape(-1, batch_size)
+
+    def eval_dataloader(self) -> torch.utils.data.DataLoader:
+        """Evaluation masks are drawn once per block (a fixed salt), so every evaluation scores the same predictions."""
+        return torch.utils.data.DataLoader(
+            self.eval_blocks,
             batch_size=self.cfg.train.per_device_batch_size,
-            shuffle=True,
-            collate_fn=self._collator(),
+            collate_fn=MaskingCollator(self.tokenizer, self.data.mlm_probability, self.cfg.train.seed, EVAL_SALT),
             num_workers=self.cfg.train.num_workers,
-            drop_last=True,
         )
-
-    def eval_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.eval_examples, batch_size=self.cfg.train.per_device_batch_size, collate_fn=self._collator()
-        )
-
-    def training_batch(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        return self.masker(batch, salt=step)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
+        return batch["input_ids"].numel()
 
     def evaluate(self, model, dataloader, accelerator, max_batches: int | None = None) -> dict[str, float]:
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct predictions, masked tokens
+        totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, masked tokens
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
             labels = batch["labels"]
-            logits = model(batch["input_ids"], batch["attention_mask"], labels=labels).logits  # (N, V), masked only
+            logits = model(batch["input_ids"], labels=labels).logits  # (N, V), the masked positions only
             masked = labels != -100
             rows = masked.nonzero()[:, 0]  # the example each masked token belongs to
             target = labels[masked]
@@ -315,7 +385,8 @@ class MLMTask(Task):
             ).double()
             per_example = torch.zeros(labels.shape[0], 3, dtype=torch.float64, device=logits.device)
             per_example.index_add_(0, rows, per_token)
-            totals += accelerator.gather_for_metrics(per_example).sum(0).cpu()
+            totals += accelerator.gather_for_metrics(per_example).sum(0)
+        totals = totals.cpu()
         loss = (totals[0] / totals[2]).item()
         return {"loss": loss, "mlm_accuracy": (totals[1] / totals[2]).item(), "perplexity": math.exp(min(loss, 50.0))}
 

@@ -204,8 +204,7 @@ class PairCollator:
     def __init__(self, source: TokenArrays, target: TokenArrays, pad_id: int, bos_id: int):
         self.source, self.target, self.pad_id, self.bos_id = source, target, pad_id, bos_id
 
-    def __call__(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
-        (indices,) = items  # the DataLoader serves one precomputed batch at a time
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         src = [self.source[i] for i in indices]
         tgt = [self.target[i] for i in indices]  # ids + EOS
         n, s_len, t_len = len(indices), max(map(len, src)), max(map(len, tgt))
@@ -242,8 +241,22 @@ class Split:
 # --------------------------------------------------------------------------------------------------
 
 
+class Indices(torch.utils.data.Dataset):
+    """Item i is i: the collator reads the pairs from the token arrays itself."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
 class TranslationTask(Task):
     MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
+    batch_unit = "tokens"  # train.global_batch_size counts tokens, as fairseq's --max-tokens x --update-freq
 
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
@@ -300,9 +313,10 @@ class TranslationTask(Task):
             )
         self._print(f"training pairs: {keep.size} of {len(source)} kept by the length filters ({text.origin})")
         source, target = source.subset(keep), target.subset(keep)
-        order = length_sorted(source.lengths, target.lengths, self.cfg.train.seed)
-        sizes = np.maximum(source.lengths, target.lengths)
-        return Split(text, source, target, token_batches(order, sizes, data.max_tokens))
+        self._train_order = length_sorted(source.lengths, target.lengths, self.cfg.train.seed)
+        self._train_sizes = np.maximum(source.lengths, target.lengths)
+        self._batches_for = None
+        return Split(text, source, target, [])
 
     def _eval_split(self, text: ParallelText) -> Split:
         """Every pair kept (BLEU is over the whole set); sources and targets cut to the maximum lengths.
@@ -315,17 +329,34 @@ class TranslationTask(Task):
         np.random.default_rng(self.cfg.train.seed).shuffle(batches)
         return Split(text, source, target, batches)
 
-    def _loader(self, split: Split, shuffle: bool) -> DataLoader:
-        collate = PairCollator(split.source, split.target, self.tokenizer.pad_token_id, self.tokenizer.bos_token_id)
-        return DataLoader(
-            split.batches, batch_size=1, shuffle=shuffle, collate_fn=collate, num_workers=self.cfg.train.num_workers
-        )
+    def _collator(self, split: Split) -> PairCollator:
+        return PairCollator(split.source, split.target, self.tokenizer.pad_token_id, self.tokenizer.bos_token_id)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_split, shuffle=True)
+    def train_dataset(self) -> Indices:
+        return Indices(len(self.train_split.source))
+
+    def train_collator(self) -> PairCollator:
+        return self._collator(self.train_split)
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> list[np.ndarray]:
+        """Token batches of at most `batch_size` tokens per process (cut once from the length-sorted pairs), in
+        an order shuffled per epoch by (seed, epoch)."""
+        if self._batches_for != batch_size:
+            self._batches = token_batches(self._train_order, self._train_sizes, batch_size)
+            self._batches_for = batch_size
+        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self._batches))
+        return [self._batches[i] for i in order]
 
     def eval_dataloader(self) -> DataLoader:
-        return self._loader(self.valid_split, shuffle=False)
+        return self._eval_loader(self.valid_split)
+
+    def _eval_loader(self, split: Split) -> DataLoader:
+        return DataLoader(
+            Indices(len(split.source)),
+            batch_sampler=[b.tolist() for b in split.batches],
+            collate_fn=self._collator(split),
+            num_workers=self.cfg.train.num_workers,
+        )
 
     # ---------------------------------------------------------------------------------------------
     # Model and loss
@@ -363,7 +394,7 @@ class TranslationTask(Task):
         splits = [("eval", "valid", dataloader, self.valid_split)]
         if self.test_text is not None:
             test_split = self._eval_split(self.test_text)
-            splits.append(("test", "test", accelerator.prepare(self._loader(test_split, False)), test_split))
+            splits.append(("test", "test", accelerator.prepare(self._eval_loader(test_split)), test_split))
         for prefix, name, loader, split in splits:
             scores, hypotheses = self._decode_split(model, loader, accelerator, split, beam)
             results.update({f"{prefix}/{k}": v for k, v in scores.items()})
