@@ -132,6 +132,27 @@ def train_tokenizer_command(args) -> int:
     return 0
 
 
+def prepare_command(args) -> int:
+    """A recipe's data section -> a prepared dataset in --out (resumed if interrupted there; kept if finished)."""
+    import importlib
+
+    from roformer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.num_proc is not None and args.num_proc < 1:
+        raise UserError(f"--num_proc={args.num_proc}: must be at least 1")
+    if cfg.task not in PREPARERS:
+        raise UserError(f"{args.config}: task={cfg.task!r} has no data to prepare; expected {' or '.join(PREPARERS)}")
+    module, _, function = PREPARERS[cfg.task].partition(":")
+    dataset = getattr(importlib.import_module(module), function)(cfg.data, args.out, num_proc=args.num_proc)
+    counts = ", ".join(f"{split}: {c['tokens']:,} tokens" for split, c in dataset.manifest["counts"].items())
+    print(f"prepared {dataset.path} ({counts}); train with data.prepared={dataset.path}")
+    return 0
+
+
+PREPARERS = {"mlm": "roformer.tasks.mlm:prepare_corpus"}
+
+
 def glue_sweep_command(args) -> int:
     from roformer.glue_sweep import run_glue_sweep
 
@@ -225,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per length")
     p.add_argument("--out", help="where to write the plot (PNG)")
     p.set_defaults(func=extrapolate_command)
+
+    p = sub.add_parser("prepare", help="tokenize a recipe's corpus once into memory-mapped shards that runs share")
+    p.add_argument("--config", required=True, help="an MLM or translation recipe; its data section names the sources")
+    p.add_argument("--out", required=True, help="the prepared dataset's directory")
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizing processes (default: all cores)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. data.max_seq_length=512")
+    p.set_defaults(func=prepare_command)
 
     p = sub.add_parser("train-tokenizer", help="train an MLM recipe's WordPiece tokenizer once, to share it")
     p.add_argument("--config", required=True)
