@@ -180,6 +180,9 @@ class Trainer:
             collate_fn=self.task.train_collator(),
             num_workers=self.tc.num_workers,
             pin_memory=acc.device.type == "cuda",
+            # Its own generator: a new iterator would otherwise draw a seed from the global RNG, and a resumed run
+            # (which makes its iterator at another moment) would shift dropout against the straight run.
+            generator=torch.Generator().manual_seed(self.tc.seed),
         )
 
     def _micro_batches(self):

@@ -16,7 +16,8 @@ import torch
 from roformer import RoFormerForMaskedLM
 from roformer.cli import main
 from roformer.config import load_config
-from roformer.tasks.mlm import MLMTask
+from roformer.errors import UserError
+from roformer.tasks.mlm import MLMTask, PackedBlocks
 from roformer.tokenization import load_tokenizer
 from roformer.tracking import read_metrics
 from roformer.trainer import Trainer, train
@@ -83,17 +84,27 @@ def test_short_run_learns_and_fills_the_run_directory(tmp_path):
     assert logits.shape == (1, batch["input_ids"].shape[1], len(tokenizer))
 
 
-def test_resume_reproduces_the_straight_run_exactly(tmp_path, straight_run, monkeypatch):
+def test_resume_reproduces_the_straight_run_exactly_without_replaying_data(tmp_path, straight_run, monkeypatch):
     run_dir = tmp_path / "run"
-    same_vocab = f"data.tokenizer={straight_run / 'tokenizer'}"  # tokenizer training itself is not repeatable
-    cfg = tiny(run_dir, "train.max_steps=12", "train.save_every=100", same_vocab)
+    cfg = tiny(run_dir, "train.max_steps=12", "train.save_every=100")
     with monkeypatch.context() as patch:  # an interruption after step 7, as SIGTERM would cause
         patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 7)
         assert train(cfg) == {"status": "interrupted", "step": 7}
     assert (run_dir / "checkpoints" / "step_7" / "trainer_state.json").is_file()
-    train(tiny(run_dir, "train.max_steps=12", "train.save_every=100", "train.resume_from=latest", same_vocab))
+    read, real_getitem = [], PackedBlocks.__getitem__
+
+    def recording_getitem(self, key):
+        if self.stream.directory.name == "train":
+            read.append(key)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(PackedBlocks, "__getitem__", recording_getitem)
+    trainer = Trainer(tiny(run_dir, "train.max_steps=12", "train.save_every=100", "train.resume_from=latest"))
+    trainer.train()
 
     assert train_losses(run_dir) == train_losses(straight_run)  # bit-for-bit: data, masks, dropout, optimizer
+    # the resumed run read the blocks of steps 8-12 and none before them: the position is sought, not replayed
+    assert read == trainer.task.epoch_batches(0, 8)[7:12].ravel().tolist()
     ours, reference = (json.loads((d / "eval_results.json").read_text()) for d in (run_dir, straight_run))
     assert ours == reference
 
@@ -131,7 +142,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     steps). Averaging the two processes' means instead, as DDP alone does, moved them by up to 2e-3."""
     no_dropout = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=6", "train.save_every=100"]
     one, two = tmp_path / "one", tmp_path / "two"
-    train(tiny(one, *no_dropout, "train.per_device_batch_size=8"))
+    train(tiny(one, *no_dropout, "train.global_batch_size=8"))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     launcher = [
         sys.executable,
@@ -144,8 +155,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         "29533",
         "scripts/pretrain.py",
     ]
-    same_vocab = f"data.tokenizer={one / 'tokenizer'}"
-    args = [*TINY, *no_dropout, f"output_dir={two}", "train.per_device_batch_size=4", same_vocab]
+    args = [*TINY, *no_dropout, f"output_dir={two}", "train.global_batch_size=8"]  # 4 per process, derived
     done = subprocess.run(
         [*launcher, "--config", str(RECIPE), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
@@ -156,6 +166,34 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert abs(x - y) < 2e-5
     tokens = [r["train/tokens"] for r in read_metrics(two) if "train/tokens" in r]
     assert tokens == [r["train/tokens"] for r in read_metrics(one) if "train/tokens" in r]  # both halves counted
+    recorded = load_config(two / "config.yaml").train
+    assert (recorded.global_batch_size, recorded.per_device_batch_size, recorded.gradient_accumulation_steps) == (
+        8,
+        4,
+        1,
+    )
+
+
+def test_accumulation_takes_the_same_step_as_one_micro_batch(tmp_path):
+    """A global batch of 8 as one micro-batch of 8 or as two of 4: micro-batches are weighted by their share of
+    the masked tokens, so the step is the same mean (float rounding apart)."""
+    no_dropout = ["model.hidden_dropout=0", "model.attention_dropout=0", "train.max_steps=4", "train.save_every=100"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(tiny(whole, *no_dropout, "train.global_batch_size=8"))
+    train(tiny(split, *no_dropout, "train.global_batch_size=8", "train.per_device_batch_size=4"))
+    assert load_config(split / "config.yaml").train.gradient_accumulation_steps == 2
+    for (_, x), (_, y) in zip(train_losses(whole), train_losses(split), strict=True):
+        assert abs(x - y) < 2e-5
+
+
+def test_a_global_batch_that_cannot_be_split_is_refused(tmp_path, capsys):
+    from roformer.batching import split_global_batch
+
+    assert split_global_batch(64, 8, 64) == (8, 1)
+    assert split_global_batch(64, 1, 16) == (16, 4)
+    assert split_global_batch(64, 2, 24) == (16, 2)
+    with pytest.raises(UserError, match="cannot be split evenly over 3 processes"):
+        split_global_batch(64, 3, 64)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -198,9 +236,9 @@ def _write(path: Path, data: bytes) -> Path:
     "make_input, expected",
     [
         (lambda d: [f"data.train_files={d / 'missing.txt'}"], "missing.txt: file not found"),
-        (lambda d: [f"data.train_files={_write(d / 'empty.txt', b'  ')}"], "empty.txt: file is empty"),
-        (lambda d: [f"data.train_files={_write(d / 'latin1.txt', LATIN1)}"], "latin1.txt: line 1 is not UTF-8"),
-        (lambda d: [f"data.train_files={(d / 'nothing').mkdir() or d / 'nothing'}"], "has no .txt files"),
+        (lambda d: [f"data.train_files={_write(d / 'empty.txt', b'  ')}"], "empty.txt: the source holds no text"),
+        (lambda d: [f"data.train_files={_write(d / 'latin1.txt', LATIN1)}"], "latin1.txt: not UTF-8 at or after"),
+        (lambda d: [f"data.train_files={(d / 'nothing').mkdir() or d / 'nothing'}"], "directory has no .txt, .txt.gz"),
         (lambda d: ["model.position=learned", "data.max_seq_length=128"], "data.max_seq_length=128 is longer"),
         (lambda d: ["train.max_stepz=3"], "unknown key 'train.max_stepz'"),
         (lambda d: ["model.position=alibi"], "model.position='alibi' is not allowed"),
