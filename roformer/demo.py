@@ -15,15 +15,14 @@ DEMO_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / 
 
 
 def train_shared_tokenizer(recipe: str | Path, out: str | Path, overrides: list[str] | None = None) -> Path:
-    """Train the recipe's WordPiece tokenizer once and save it, so compared runs share one vocabulary
-    (`tokenizers` training is not repeatable bit for bit)."""
-    from roformer.tasks.mlm import load_corpus
+    """Train the recipe's WordPiece tokenizer (on its bounded sample of the training text) and save it, to share
+    between runs or preparations. Training is deterministic: the same text and settings give the same vocabulary."""
+    from roformer.tasks.mlm import corpus_sources, tokenizer_sample
     from roformer.tokenization import train_wordpiece
 
-    cfg = load_config(recipe, overrides)
-    train_docs, _ = load_corpus(cfg.data, cfg.train.seed)
-    tokenizer = train_wordpiece(train_docs, cfg.data.tokenizer_vocab_size, cfg.data.max_seq_length)
-    tokenizer.save_pretrained(out)
+    data = load_config(recipe, overrides).data
+    sample = tokenizer_sample(corpus_sources(data)[0], data.tokenizer_sample_mb * 2**20)
+    train_wordpiece(sample, data.tokenizer_vocab_size, data.max_seq_length).save_pretrained(out)
     return Path(out)
 
 
@@ -43,12 +42,13 @@ def compare_schemes(
     Runs already finished are kept (resume_from=latest), so an interrupted comparison picks up where it was.
     """
     output_dir, recipe, overrides = Path(output_dir), recipe or DEMO_RECIPE, list(overrides or [])
-    if not any(o.startswith("data.tokenizer=") for o in overrides):
-        vocab = output_dir / "tokenizer"
-        if not (vocab / "tokenizer.json").is_file():
-            print(f"training the shared tokenizer into {vocab}")
-            train_shared_tokenizer(recipe, vocab, overrides)
-        overrides.append(f"data.tokenizer={vocab}")
+    if not any(o.startswith("data.prepared=") for o in overrides):  # one corpus and vocabulary for every scheme
+        from roformer.tasks.mlm import prepare_corpus
+
+        prepared = output_dir / "prepared"
+        print(f"preparing the corpus once, into {prepared}")
+        prepare_corpus(load_config(recipe, overrides).data, prepared)
+        overrides.append(f"data.prepared={prepared}")
     run_dirs = []
     for seed in seeds or [None]:
         for scheme in schemes:

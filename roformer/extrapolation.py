@@ -1,9 +1,9 @@
 """Length extrapolation: masked-LM loss of pretrained runs at 1x, 2x, 4x, 8x their training length.
 
-Each run is evaluated on its own held-out documents, packed into blocks of k times the training length, with
-the same number of tokens at every length and masks drawn once. Rotary runs are also evaluated under each RoPE
-scaling (the same weights, `rope_scaling` set to k). A learned table cannot index past its rows: those cells
-are reported as such rather than crashing.
+Each run is evaluated on its own held-out documents (its prepared validation stream), cut into blocks of k times
+the training length, with the same number of tokens at every length and masks drawn once. Rotary runs are also
+evaluated under each RoPE scaling (the same weights, `rope_scaling` set to k). A learned table cannot index past
+its rows: those cells are reported as such rather than crashing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from roformer.compare import save_figure
 from roformer.config import load_config
 from roformer.errors import DataError
 from roformer.modeling import RoFormerForMaskedLM
-from roformer.tasks.mlm import EVAL_SALT, BlockCollator, SeededMasker, load_corpus, pack_documents
+from roformer.tasks.mlm import EVAL_SALT, MaskingCollator, PackedBlocks, prepared_corpus
 from roformer.tokenization import load_tokenizer
 
 SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn")
@@ -25,18 +25,15 @@ SCALINGS = ("none", "linear", "ntk", "dynamic_ntk", "yarn")
 
 def _eval_batches(run_dir: Path, tokenizer, block_size: int, max_tokens: int, batch_tokens: int, seed: int):
     cfg = load_config(run_dir / "config.yaml")
-    _, documents = load_corpus(cfg.data, cfg.train.seed)
-    ids = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
-    blocks = pack_documents(ids, block_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
-    blocks = [b for b in blocks if len(b) == block_size][: max(1, max_tokens // block_size)]  # full blocks only
-    if not blocks:
-        raise DataError(f"{run_dir}: no held-out document run fills a block of {block_size} tokens")
-    collate = BlockCollator(tokenizer.pad_token_id, tokenizer.all_special_ids)
-    masker = SeededMasker(tokenizer, cfg.data.mlm_probability, seed)
+    stream = prepared_corpus(cfg).stream("validation", "tokens")  # the run's held-out documents
+    blocks = PackedBlocks(stream, block_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    count = min(len(blocks), max(1, max_tokens // block_size))
+    if count == 0:
+        raise DataError(f"{run_dir}: the held-out text ({len(stream)} tokens) does not fill a block of {block_size}")
+    collate = MaskingCollator(tokenizer, cfg.data.mlm_probability, seed, salt=EVAL_SALT)
     per_batch = max(1, batch_tokens // block_size)
-    examples = [{"input_ids": b, "example_index": i} for i, b in enumerate(blocks)]
-    for start in range(0, len(examples), per_batch):
-        yield masker(collate(examples[start : start + per_batch]), salt=EVAL_SALT)
+    for start in range(0, count, per_batch):
+        yield collate([blocks[k] for k in range(start, min(count, start + per_batch))])
 
 
 @torch.no_grad()
@@ -44,7 +41,7 @@ def mlm_loss(model: RoFormerForMaskedLM, batches) -> tuple[float, float]:
     """Token-weighted MLM loss and accuracy over the masked positions of `batches`."""
     loss_sum = correct = count = 0.0
     for batch in batches:
-        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        out = model(batch["input_ids"], labels=batch["labels"])
         target = batch["labels"][batch["labels"] != -100]
         loss_sum += out.loss.item() * target.numel()
         correct += (out.logits.argmax(-1) == target).sum().item()

@@ -383,7 +383,8 @@ def test_a_real_batch_can_be_learned(tmp_path):
     )  # fmt: skip
     task = built_task(cfg, tmp_path)
     model = task.build_model()
-    batch = next(iter(task.train_dataloader()))
+    dataset, collate = task.train_dataset(), task.train_collator()
+    batch = collate([dataset[int(i)] for i in task.epoch_batches(0, 32)[0]])
     assert batch["token_type_ids"].max() == 1 and batch["labels"].dtype == torch.long
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = task.loss(model, batch).item()

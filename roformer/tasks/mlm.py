@@ -217,21 +217,26 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prepared_corpus(cfg: RunConfig, accelerator) -> PreparedDataset:
+def cache_path(data: MLMDataConfig) -> Path:
+    """Where a recipe's raw sources are prepared on first use: one directory per fingerprint in the cache."""
+    cache = Path(data.prepared_cache) if data.prepared_cache else default_cache_dir()
+    train, validation = corpus_sources(data)
+    given = load_tokenizer(data.tokenizer) if data.tokenizer else None
+    return cache / f"mlm-{Preparation(cache, 'mlm', corpus_settings(data, train, validation, given), []).fingerprint}"
+
+
+def prepared_corpus(cfg: RunConfig, accelerator=None) -> PreparedDataset:
     """The run's prepared dataset: `data.prepared`, or the sources prepared into the cache on first use (by the
     main process; the others wait, under a process-group timeout long enough for a large corpus)."""
     data = cfg.data
     if data.prepared:
         dataset = PreparedDataset(data.prepared)
     else:
-        cache = Path(data.prepared_cache) if data.prepared_cache else default_cache_dir()
-        train, validation = corpus_sources(data)
-        given = load_tokenizer(data.tokenizer) if data.tokenizer else None
-        settings = corpus_settings(data, train, validation, given)
-        out = cache / f"mlm-{Preparation(cache, 'mlm', settings, ['tokens']).fingerprint}"
-        if accelerator.is_main_process:
-            dataset = prepare_corpus(data, out)
-        accelerator.wait_for_everyone()
+        out = cache_path(data)
+        if accelerator is None or accelerator.is_main_process:
+            prepare_corpus(data, out)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
         dataset = PreparedDataset(out)
     where = data.prepared or f"{dataset.path} (prepared from the recipe's sources)"
     if dataset.kind != "mlm":
