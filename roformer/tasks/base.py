@@ -48,11 +48,12 @@ class Task(ABC):
 
     def epoch_batches(self, epoch: int, batch_size: int) -> Sequence[np.ndarray]:
         """The keys of every micro-batch of `epoch`, in order: by default the examples in a random order seeded
-        by (seed, epoch), `batch_size` at a time, a short tail dropped. Deterministic, so a resume seeks to any
-        position without reading the batches before it."""
+        by (seed, epoch), `batch_size` at a time, the last batch shorter (fine-tuning sees every example; several
+        processes drop a tail of fewer batches than processes). Deterministic, so a resume seeks to any position
+        without reading the batches before it."""
         n = len(self.train_dataset())
         order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n)
-        return order[: n // batch_size * batch_size].reshape(-1, batch_size)
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
     @abstractmethod
     def eval_dataloader(self) -> DataLoader: ...

@@ -319,12 +319,12 @@ class MLMTask(Task):
 
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
+        if cfg.init_from and not data.tokenizer and (Path(cfg.init_from) / "tokenizer.json").is_file():
+            data.tokenizer = str(cfg.init_from)  # continued pretraining reads the text with the checkpoint's vocabulary
         self.dataset = prepared_corpus(cfg, accelerator)
         self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)  # the vocabulary the ids were made with
         cfg.model.vocab_size = len(self.tokenizer)
         cfg.model.pad_token_id = self.tokenizer.pad_token_id
-        if accelerator.is_main_process:
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
         tok = self.tokenizer
         self.train_blocks = PackedBlocks(
             self.dataset.stream("train", "tokens"), data.max_seq_length, tok.cls_token_id, tok.sep_token_id
@@ -336,6 +336,8 @@ class MLMTask(Task):
             tok.sep_token_id,
             limit=data.max_validation_blocks,
         )
+        if accelerator.is_main_process:  # the data checked out: now the run directory may be written
+            self.tokenizer.save_pretrained(run_dir / "tokenizer")
 
     def build_model(self) -> RoFormerForMaskedLM:
         if self.cfg.init_from:
