@@ -12,10 +12,11 @@ import math
 import signal
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,6 +29,8 @@ from roformer.errors import DataError, UserError
 from roformer.tasks import get_task_class
 from roformer.tasks.base import Task
 from roformer.tracking import MetricsLog, tracker_name
+
+PREPARATION_TIMEOUT_HOURS = 12
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,6 +112,9 @@ class Trainer:
         self.task = task or get_task_class(cfg.task)(cfg)
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(  # accumulation is ours: a step's micro-batches are weighted by their terms
+            # The other ranks wait at a barrier while the main process prepares a raw corpus on first use: hours
+            # for a 20 GB corpus, far beyond the default 30-minute collective timeout.
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=PREPARATION_TIMEOUT_HOURS))],
             mixed_precision=self.tc.mixed_precision,
             log_with=tracker_name(self.tc.log_with),
             project_dir=str(self.run_dir),
