@@ -110,6 +110,17 @@ def tokenizer_sample(sources: list[Source], max_bytes: int) -> list[str]:
     return sample
 
 
+def evenly_spread(index: np.ndarray, fraction: float) -> np.ndarray:
+    """Whether each document index is among an evenly spread `fraction` (one in every 1 / fraction)."""
+    return (index + 1) * fraction // 1 > index * fraction // 1
+
+
+def within_cap(chosen: np.ndarray, lengths: np.ndarray, held_before: int, cap: int) -> np.ndarray:
+    """Of the chosen documents, those that come while fewer than `cap` tokens are held out."""
+    candidate = np.where(chosen, lengths, 0)
+    return held_before + np.cumsum(candidate) - candidate < cap
+
+
 def corpus_settings(data: MLMDataConfig, train: list[Source], validation: list[Source], tokenizer) -> dict:
     """What decides a prepared corpus's content (its fingerprint), read without reading the text."""
     import platform
@@ -168,17 +179,13 @@ def prepare_corpus(
         done = progress.get("documents", 0)
         texts = ((doc,) for doc in itertools.islice(docs, done, None))
         for number, (chunk, [(ids, lengths)]) in enumerate(encoder.map(chunks(texts, CHUNK_CHARS)), start=1):
-            index = done + np.arange(len(lengths))
             if phase == "validation":
                 to_valid = np.ones(len(lengths), dtype=bool)
             elif validation_sources:
                 to_valid = np.zeros(len(lengths), dtype=bool)
             else:
-                to_valid = ((index + 1) * data.validation_fraction).astype(np.int64) > (
-                    index * data.validation_fraction
-                ).astype(np.int64)
-            held = progress.get("validation_tokens", 0) + np.cumsum(np.where(to_valid, lengths, 0)) - lengths
-            to_valid &= held < cap  # a document is held out while the validation set is short of its cap
+                to_valid = evenly_spread(done + np.arange(len(lengths)), data.validation_fraction)
+            to_valid &= within_cap(to_valid, lengths, progress.get("validation_tokens", 0), cap)
             by_token = np.repeat(to_valid, lengths)
             if phase == "train":
                 writers["train"]["tokens"].append(ids[~by_token], lengths[~to_valid])
