@@ -272,6 +272,8 @@ class TrainConfig:
     """Learning rate at step 0 of the warmup (fairseq starts at 1e-7)."""
     label_smoothing: float = 0.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    peak_tflops: float | None = None
+    """One device's peak in TFLOP/s, for train/mfu; unset: the bf16 peak of a known GPU (roformer/flops.py)."""
     eval_every: int = 200
     max_eval_batches: int | None = None
     """Cap evaluation during training to this many batches (the final evaluation is complete)."""

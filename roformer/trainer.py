@@ -26,6 +26,7 @@ from roformer.batching import RankBatches, split_global_batch, split_global_toke
 from roformer.checkpointing import Checkpoints, average_checkpoints
 from roformer.config import RunConfig, TrainConfig, save_config
 from roformer.errors import DataError, UserError
+from roformer.flops import device_peak_flops, mfu
 from roformer.tasks import get_task_class
 from roformer.tasks.base import Task
 from roformer.tracking import MetricsLog, tracker_name
@@ -223,6 +224,7 @@ class Trainer:
         model, optimizer, eval_dl = self.accelerator.prepare(model, optimizer, eval_dl)
         self.accelerator.register_for_checkpointing(scheduler)
         self.model, self.optimizer, self.scheduler, self.eval_dl = model, optimizer, scheduler, eval_dl
+        self.flops_per_token, self.peak_flops = self.task.flops_per_token(), self._peak_flops()
 
         geometry = {"num_processes": self.accelerator.num_processes, "micro_batch_size": self.micro_batch_size}
         self.state = TrainerState(**geometry)
@@ -306,16 +308,17 @@ class Trainer:
                 mean_loss = loss_sum / max(terms_sum, 1)  # per term over the window, all processes
                 self._check_finite(mean_loss)
                 self.state.tokens_seen += int(tokens_sum)
-                self.log.log(
-                    {
-                        "train/loss": mean_loss,
-                        "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/tokens_per_s": tokens_sum / max(elapsed, 1e-9),
-                        "train/tokens": self.state.tokens_seen,
-                        "train/epoch": self.state.epoch,
-                    },
-                    step,
-                )
+                tokens_per_s = tokens_sum / max(elapsed, 1e-9)
+                row = {
+                    "train/loss": mean_loss,
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/tokens_per_s": tokens_per_s,
+                    "train/tokens": self.state.tokens_seen,
+                    "train/epoch": self.state.epoch,
+                }
+                if self.flops_per_token and self.peak_flops:  # per device: its share of the tokens
+                    row["train/mfu"] = mfu(self.flops_per_token, tokens_per_s / acc.num_processes, self.peak_flops)
+                self.log.log(row, step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 window.zero_()
                 window_start = time.perf_counter()
@@ -331,6 +334,14 @@ class Trainer:
                 self._print(f"stopped at step {step}; checkpoint saved; continue with train.resume_from=latest")
                 break
         bar.close()
+
+    def _peak_flops(self) -> float | None:
+        """One device's peak FLOP/s for train/mfu: train.peak_tflops, else a known GPU's bf16 peak."""
+        if self.tc.peak_tflops:
+            return self.tc.peak_tflops * 1e12
+        if self.accelerator.device.type == "cuda":
+            return device_peak_flops(torch.cuda.get_device_name(self.accelerator.device))
+        return None
 
     def _global_sum(self, value: int) -> int:
         """`value` summed over processes (one collective per step; none in a single process)."""

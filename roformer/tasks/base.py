@@ -66,6 +66,10 @@ class Task(ABC):
         tokens). Several processes weight their means by it, so that a step is the mean over the global batch."""
         return int(batch["labels"].ne(-100).sum())
 
+    def flops_per_token(self) -> float | None:
+        """Model FLOPs per training token (roformer/flops.py), for train/mfu; None: not counted for this task."""
+        return None
+
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Real (non-padding) tokens in a batch, for tokens/s."""
         if "attention_mask" in batch:

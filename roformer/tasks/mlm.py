@@ -25,6 +25,7 @@ from transformers import DataCollatorForLanguageModeling
 from roformer.config import MLMDataConfig, RunConfig
 from roformer.corpus import Source, documents, keep_fraction
 from roformer.errors import DataError
+from roformer.flops import mlm_training_flops_per_token
 from roformer.modeling import RoFormerForMaskedLM, load_pretrained
 from roformer.prepare import (
     CHUNK_CHARS,
@@ -378,6 +379,9 @@ class MLMTask(Task):
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].numel()
+
+    def flops_per_token(self) -> float:
+        return mlm_training_flops_per_token(self.cfg.model, self.data.max_seq_length, self.data.mlm_probability)
 
     def evaluate(self, model, dataloader, accelerator, max_batches: int | None = None) -> dict[str, float]:
         totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, masked tokens
