@@ -60,7 +60,8 @@ def test_a_run_logs_mfu_from_its_token_rate(tmp_path):
     overrides = ["data.corpus=files", f"data.train_files={data}", "data.max_documents=60", "data.max_seq_length=64",
                  "data.tokenizer_vocab_size=2000", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
                  "model.intermediate_size=64", "model.max_position_embeddings=64", "train.max_steps=2",
-                 "train.log_every=1", "train.log_with=none", "train.peak_tflops=0.001", f"output_dir={tmp_path / 'r'}"]  # fmt: skip
+                 "train.log_every=1", "train.log_with=none", "train.peak_tflops=0.001",
+                 f"output_dir={tmp_path / 'r'}"]  # fmt: skip
     cfg = load_config(root / "configs" / "pretrain" / "tiny.yaml", overrides)
     train(cfg)
     rows = [r for r in read_metrics(tmp_path / "r") if "train/mfu" in r]
