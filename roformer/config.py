@@ -271,7 +271,10 @@ class TrainConfig:
     warmup_init_lr: float = 0.0
     """Learning rate at step 0 of the warmup (fairseq starts at 1e-7)."""
     label_smoothing: float = 0.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it (fp32 master weights, loss in fp32), else none."""
+    compile: bool = False
+    """torch.compile the model (GPU runs; on a CPU compiling takes longer than short runs gain)."""
     peak_tflops: float | None = None
     """One device's peak in TFLOP/s, for train/mfu; unset: the bf16 peak of a known GPU (roformer/flops.py)."""
     eval_every: int = 200

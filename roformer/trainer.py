@@ -61,13 +61,22 @@ def no_decay(name: str) -> bool:
     return name.endswith(".bias") or ".norm" in name or "_norm" in name or name.startswith("norm")
 
 
-def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW without decay on biases and norms; `fused` (CUDA): one kernel for every parameter's update."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if not no_decay(n)], "weight_decay": tc.weight_decay},
         {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_epsilon)
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=betas, eps=tc.adam_epsilon, fused=fused or None)
+
+
+def resolve_precision(requested: str) -> str:
+    """train.mixed_precision=auto -> bf16 where a GPU supports it, else no."""
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def build_scheduler(optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -112,6 +121,10 @@ class Trainer:
         self.tc = cfg.train
         self.task = task or get_task_class(cfg.task)(cfg)
         self.run_dir = Path(cfg.output_dir)
+        self.tc.mixed_precision = resolve_precision(self.tc.mixed_precision)  # config.yaml records the one used
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 products (outside autocast) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         self.accelerator = Accelerator(  # accumulation is ours: a step's micro-batches are weighted by their terms
             # The other ranks wait at a barrier while the main process prepares a raw corpus on first use: hours
             # for a 20 GB corpus, far beyond the default 30-minute collective timeout.
@@ -216,7 +229,9 @@ class Trainer:
         self._write_run_header()
 
         model = self.task.build_model()
-        optimizer = build_optimizer(model, self.tc)
+        optimizer = build_optimizer(model, self.tc, fused=self.accelerator.device.type == "cuda")
+        if self.tc.compile:
+            model = torch.compile(model)
         scheduler = build_scheduler(optimizer, self.tc)
         eval_dl = self.task.eval_dataloader()
         # Without a generator of its own, every new iterator draws a seed from the global RNG and shifts dropout.
