@@ -523,6 +523,17 @@ class Indices(torch.utils.data.Dataset):
         return i
 
 
+class WholeBatch:
+    """Collates a DataLoader item that is itself a batch of pair indices."""
+
+    def __init__(self, collate: PairCollator):
+        self.collate = collate
+
+    def __call__(self, items: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        (indices,) = items
+        return self.collate(indices)
+
+
 class TranslationTask(Task):
     MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
     batch_unit = "tokens"  # train.global_batch_size counts tokens, as fairseq's --max-tokens x --update-freq
@@ -633,10 +644,12 @@ class TranslationTask(Task):
         return self._eval_loader(self.valid_split)
 
     def _eval_loader(self, split: Split) -> DataLoader:
+        """An item is a whole precomputed batch (batch_size=1): accelerate's gather_for_metrics counts dataset
+        items, so it then drops exactly the batches it repeated to even out the processes."""
         return DataLoader(
-            Indices(len(split.source)),
-            batch_sampler=[b.tolist() for b in split.batches],
-            collate_fn=self._collator(split),
+            split.batches,
+            batch_size=1,
+            collate_fn=WholeBatch(self._collator(split)),
             num_workers=self.cfg.train.num_workers,
         )
 
