@@ -180,6 +180,8 @@ class Trainer:
             collate_fn=self.task.train_collator(),
             num_workers=self.tc.num_workers,
             pin_memory=acc.device.type == "cuda",
+            # its own generator: a new iterator (each epoch, each resume) must not draw from the global RNG (dropout)
+            generator=torch.Generator().manual_seed(self.tc.seed),
         )
 
     def _micro_batches(self):

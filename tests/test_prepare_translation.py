@@ -212,6 +212,39 @@ def test_prepare_once_then_train_from_it_without_the_raw_training_text(tmp_path,
     assert "eval/bleu" in json.loads((run / "eval_results.json").read_text())
 
 
+def test_a_resumed_run_from_prepared_pairs_matches_the_straight_run_without_replaying_data(
+    prepared, tmp_path, monkeypatch
+):
+    """Interrupted after step 3 of 6 and resumed: the same losses, bit for bit, and the resumed run collates only
+    its own 3 training batches (the position is sought, not replayed)."""
+    from roformer.trainer import Trainer, train
+
+    def run(run_dir: Path, *extra: str):
+        overrides = [f"data.prepared={prepared.path}", *TINY, "train.max_steps=6", f"output_dir={run_dir}", *extra]
+        return train(load_config(RECIPE, overrides))
+
+    def losses(run_dir: Path) -> list:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+    run(tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 3)
+        assert run(tmp_path / "resumed") == {"status": "interrupted", "step": 3}
+    collated = []
+    plain_call = translation.PairCollator.__call__
+
+    def counting(self, indices):
+        if isinstance(self.source, translation.TokenStream):  # training batches, not dev/test
+            collated.append(list(indices))
+        return plain_call(self, indices)
+
+    monkeypatch.setattr(translation.PairCollator, "__call__", counting)
+    run(tmp_path / "resumed", "train.resume_from=latest")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "straight")) == 6 and len(collated) == 3
+
+
 def test_a_recipe_with_raw_sources_prepares_into_the_cache_once(tmp_path):
     cfg = load_config(RECIPE, [f"data.max_train_samples={PAIRS}", "data.bpe_vocab_size=500",
                                f"data.prepared_cache={tmp_path}"])  # fmt: skip
