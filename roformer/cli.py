@@ -150,7 +150,7 @@ def prepare_command(args) -> int:
     return 0
 
 
-PREPARERS = {"mlm": "roformer.tasks.mlm:prepare_corpus"}
+PREPARERS = {"mlm": "roformer.tasks.mlm:prepare_corpus", "translation": "roformer.tasks.translation:prepare_parallel"}
 
 
 def glue_sweep_command(args) -> int:

@@ -198,8 +198,15 @@ class GLUEDataConfig:
 
 @dataclass
 class TranslationDataConfig:
-    """Line-aligned parallel text, or the hub's wmt14."""
+    """Line-aligned parallel text, or the hub's wmt14. Training reads a prepared dataset (`roformer prepare`):
+    either `prepared`, or one made on first use from train_prefix / hub_name into `prepared_cache`. Dev and test
+    sets are small and are read and tokenized at start."""
 
+    prepared: str | None = None
+    """A prepared translation dataset directory (`roformer prepare`); train_prefix / hub_name's training split
+    are then not read."""
+    prepared_cache: str | None = None
+    """Where runs prepare raw sources; default $ROFORMER_CACHE/prepared, else ~/.cache/roformer/prepared."""
     source_lang: str = "en"
     target_lang: str = "de"
     train_prefix: str | None = None
@@ -212,8 +219,12 @@ class TranslationDataConfig:
     """A hub dataset with a `translation` column (wmt14), used when train_prefix is empty."""
     hub_config: str = "de-en"
     tokenizer: str | None = None
-    """A tokenizer directory; when empty a joint BPE is trained on both sides of the training text."""
+    """A tokenizer directory; when empty a joint BPE is trained on both sides of (a sample of) the training text."""
     bpe_vocab_size: int = 37000
+    tokenizer_sample_mb: int = 1024
+    """Training text the BPE is learned from, at most: spread evenly over local files, else the first pairs."""
+    num_proc: int | None = None
+    """Processes that tokenize during preparation; default all cores."""
     max_tokens: int = 4096
     """Batch size in tokens as fairseq's --max-tokens counts them: sentences x the longest side (source or
     target, EOS included) of the longest pair, per process and micro-batch."""
@@ -223,7 +234,8 @@ class TranslationDataConfig:
     max_length_ratio: float = 1.5
     """Training pairs whose BPE lengths differ by more than this ratio are dropped (Moses clean-corpus-n)."""
     max_train_samples: int | None = None
-    """Use only the first N training pairs (quick runs)."""
+    """Use only the first N training pairs (quick runs): only they are prepared (and the BPE learned from them),
+    and a run on a larger prepared dataset trains on its first N."""
     max_eval_samples: int | None = None
     """Use only the first N pairs of the dev and test sets."""
     beam_size: int = 4
@@ -235,9 +247,13 @@ class TranslationDataConfig:
     """A translation has at most max_len_a * source length + max_len_b tokens (fairseq-generate: 0 and 200)."""
 
     def __post_init__(self):
-        for name in ("bpe_vocab_size", "max_tokens", "max_source_length", "max_target_length", "beam_size"):
+        for name in ("bpe_vocab_size", "max_tokens", "max_source_length", "max_target_length", "beam_size",
+                     "tokenizer_sample_mb"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_proc", "max_train_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
         if self.max_length_ratio < 1.0:
             raise ConfigError(f"data.max_length_ratio must be at least 1, got {self.max_length_ratio}")
 

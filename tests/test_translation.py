@@ -29,8 +29,10 @@ from roformer.tasks.translation import (
     TranslationTask,
     hub_split,
     keep_pairs,
+    prepare_parallel,
     token_batches,
     train_joint_bpe,
+    training_pairs,
 )
 from roformer.trainer import build_scheduler
 
@@ -165,7 +167,7 @@ def test_token_batches_fit_max_tokens_and_cover_every_pair_once():
 def test_collator_shifts_targets_behind_bos():
     source = TokenArrays(np.array([5, 6, 2, 7, 2], dtype=np.int32), np.array([0, 3, 5]))
     target = TokenArrays(np.array([8, 9, 10, 2, 11, 2], dtype=np.int32), np.array([0, 4, 6]))
-    batch = PairCollator(source, target, pad_id=0, bos_id=1)([np.array([0, 1])])
+    batch = PairCollator(source, target, pad_id=0, bos_id=1)([0, 1])
     assert batch["input_ids"].tolist() == [[5, 6, 2], [7, 2, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["decoder_input_ids"].tolist() == [[1, 8, 9, 10], [1, 11, 0, 0]]
@@ -173,14 +175,19 @@ def test_collator_shifts_targets_behind_bos():
     assert batch["example_index"].tolist() == [0, 1]
 
 
-def test_a_resumed_run_reuses_its_tokenizer(tmp_path):
-    saved = train_joint_bpe(["ein kleiner Hund", "a small dog"] * 20, vocab_size=60)
-    saved.save_pretrained(tmp_path / "tokenizer")
-    cfg = load_config(RECIPE, ["train.resume_from=latest", "data.bpe_vocab_size=500"])
-    task = TranslationTask(cfg)
-    train = type("Text", (), {"source": ["something else entirely"] * 5, "target": ["etwas anderes"] * 5})
-    reused = task._tokenizer(accelerator=None, run_dir=tmp_path, train=train)
+def test_a_resumed_run_reuses_its_tokenizer_which_must_be_the_prepared_datas(tmp_path):
+    saved = train_joint_bpe(["ein großer Baum", "a big tree"] * 20, vocab_size=60)
+    saved.save_pretrained(tmp_path / "run" / "tokenizer")
+    (tmp_path / "t.en").write_text("a small dog\n" * 5)
+    (tmp_path / "t.de").write_text("ein kleiner Hund\n" * 5)
+    with_saved = TranslationDataConfig(train_prefix=str(tmp_path / "t"), tokenizer=str(tmp_path / "run" / "tokenizer"))
+    same = prepare_parallel(with_saved, tmp_path / "same", num_proc=1)
+    other = prepare_parallel(TranslationDataConfig(train_prefix=str(tmp_path / "t"), bpe_vocab_size=40), tmp_path / "o")
+    task = TranslationTask(load_config(RECIPE, ["train.resume_from=latest", "data.bpe_vocab_size=500"]))
+    reused = task._tokenizer(accelerator=None, run_dir=tmp_path / "run", dataset=same)
     assert reused.get_vocab() == saved.get_vocab()
+    with pytest.raises(DataError, match="its token ids come from another tokenizer than the resumed run's"):
+        task._tokenizer(accelerator=None, run_dir=tmp_path / "run", dataset=other)
 
 
 def test_hub_failures_are_one_line_data_errors(monkeypatch):
@@ -190,9 +197,10 @@ def test_hub_failures_are_one_line_data_errors(monkeypatch):
         raise ConnectionError("Couldn't reach 'wmt14' on the Hub\n(offline)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError) as err:
-        hub_split(TranslationDataConfig(hub_name="wmt14"), "train")
-    assert "\n" not in str(err.value) and "data.hub_name=wmt14" in str(err.value)
+    for read in (lambda data: hub_split(data, "validation"), lambda data: list(training_pairs(data))):
+        with pytest.raises(DataError) as err:
+            read(TranslationDataConfig(hub_name="wmt14"))
+        assert "\n" not in str(err.value) and "data.hub_name=wmt14" in str(err.value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +232,7 @@ def test_bad_training_files_exit_2_naming_the_file(tmp_path, capsys, case):
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
     assert str(tmp_path) in err
     assert not run_dir.exists()  # bad input leaves no run behind
+    assert not list((Path(os.environ["ROFORMER_CACHE"]) / "prepared").glob("*.partial"))  # nor half a dataset
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
