@@ -13,14 +13,15 @@ subprocess on the same --num_proc processes:
 
 Measured: MB/s (corpus bytes / wall time of the whole command, interpreter start included); peak memory as the
 largest single process's peak RSS (wait4, which covers the workers) and as the peak of the process tree's summed
-PSS, sampled 5 times a second (shared pages counted once); disk bytes per token (every byte the command wrote /
-tokens it produced). Then, on our prepared data: seconds from launching `roformer pretrain data.prepared=...` to
-its first logged step; seconds from launching a resume of a real checkpoint (step --ckpt_steps) to its first new
+PSS, sampled 5 times a second (shared pages counted once); CPU seconds per MB (user + system, workers included:
+what a machine with more cores divides); disk bytes per token (every byte the command wrote / tokens it
+produced). Then, on our prepared data: seconds from launching `roformer pretrain data.prepared=...` to its first
+logged step; seconds from launching a resume of a real checkpoint (step --ckpt_steps) to its first new
 step; and the same from a copy of that checkpoint whose data position is moved to 90% through the third epoch
 (the position is all a resume seeks by; model and optimizer are unchanged), i.e. a late step. Not part of the
 test suite.
 
-    python benchmarks/bench_data.py --sizes 20MB 100MB          # on a shared 2-core machine
+    python benchmarks/bench_data.py --sizes 20MB 100MB --train_threads 1   # on a shared 2-core machine
     python benchmarks/bench_data.py --num_proc 16 --json bench.json   # default sizes 100MB 500MB 2GB
 """
 
@@ -145,7 +146,8 @@ def run_measured(cmd: list[str], log: Path, timeout: float, env: dict) -> dict:
     if proc.returncode != 0:
         tail = log.read_text()[-2000:]
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}; timeout {timeout:.0f} s):\n{tail}")
-    return {"seconds": wall, "max_rss": usage.ru_maxrss * 1024, "peak_pss": peak[0]}
+    cpu = usage.ru_utime + usage.ru_stime  # of the process and every worker it waited for
+    return {"seconds": wall, "cpu_seconds": cpu, "max_rss": usage.ru_maxrss * 1024, "peak_pss": peak[0]}
 
 
 def seconds_to_step(
@@ -244,6 +246,8 @@ def train_times(prepared: Path, work: Path, args, env: dict) -> dict:
             f"data.max_seq_length={args.block}", f"model.max_position_embeddings={args.block}",
             "data.max_validation_blocks=64", "train.log_with=none", "train.log_every=1",
             "train.eval_every=1000000000", "train.save_every=1000000000", *args.train_overrides]  # fmt: skip
+    if args.train_threads:  # on a crowded CPU, two OpenMP threads per run can be 5x slower than one
+        env = {**env, "OMP_NUM_THREADS": str(args.train_threads)}
     k, ckpt_run = args.ckpt_steps, runs / "ckpt"
     first_step = seconds_to_step(  # timed to its first step, then left to go on to step k and save there
         [*base, f"output_dir={ckpt_run}", f"train.max_steps={k}"], ckpt_run / "metrics.jsonl", 1,
@@ -297,12 +301,13 @@ def table(rows: list[dict]) -> str:
     gb = 1e9
     lines = [
         "| text | ours MB/s | anchor MB/s | ours / anchor | ours peak RSS / PSS | anchor peak RSS / PSS "
-        "| ours B/token | anchor B/token | first step | resume (step) | resume late (step) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ours B/token | anchor B/token | CPU s/MB ours / anchor | first step | resume (step) | resume late (step) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         o, a, t = r["ours"], r["anchor"], r.get("train", {})
-        mbs_o, mbs_a = r["bytes"] / MB / o["seconds"], r["bytes"] / MB / a["seconds"]
+        mb = r["bytes"] / MB
+        mbs_o, mbs_a = mb / o["seconds"], mb / a["seconds"]
         timing = (
             f"{t['first_step_s']:.1f} s | {t['resume_s']:.1f} s ({t['resume_step']}) "
             f"| {t['resume_late_s']:.1f} s ({t['late_step']:,})"
@@ -313,12 +318,13 @@ def table(rows: list[dict]) -> str:
             f"| {r['bytes'] / MB:,.0f} MB | {mbs_o:.2f} | {mbs_a:.2f} | {mbs_o / mbs_a:.2f}x "
             f"| {o['max_rss'] / gb:.2f} / {o['peak_pss'] / gb:.2f} GB "
             f"| {a['max_rss'] / gb:.2f} / {a['peak_pss'] / gb:.2f} GB "
-            f"| {o['disk'] / o['tokens']:.2f} | {a['disk'] / a['tokens']:.2f} | {timing} |"
+            f"| {o['disk'] / o['tokens']:.2f} | {a['disk'] / a['tokens']:.2f} "
+            f"| {o['cpu_seconds'] / mb:.2f} / {a['cpu_seconds'] / mb:.2f} | {timing} |"
         )
     tg = TARGETS
     lines.append(
         f"| target | | | >= {tg['speedup']:.0f}x | < {tg['rss_gb']:.0f} GB, flat | | <= {tg['bytes_per_token']} | "
-        f"| <= {tg['first_step_s']:.0f} s | <= {tg['resume_s']:.0f} s | <= {tg['resume_s']:.0f} s |"
+        f"| | <= {tg['first_step_s']:.0f} s | <= {tg['resume_s']:.0f} s | <= {tg['resume_s']:.0f} s |"
     )
     return "\n".join(lines)
 
@@ -335,7 +341,8 @@ def main() -> None:
     )
     parser.add_argument("--block", type=int, default=128, help="tokens per block, both sides")
     parser.add_argument("--vocab_size", type=int, default=8000, help="the shared WordPiece tokenizer's")
-    parser.add_argument("--ckpt_steps", type=int, default=20, help="real training steps before the checkpoint")
+    parser.add_argument("--ckpt_steps", type=int, default=10, help="real training steps before the checkpoint")
+    parser.add_argument("--train_threads", type=int, default=None, help="OMP_NUM_THREADS of the training runs")
     parser.add_argument("--no_train", action="store_true", help="only the preparations")
     parser.add_argument("--no_anchor", action="store_true", help="only ours (e.g. when the anchor would not fit)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default: a temporary directory)")
@@ -383,7 +390,8 @@ def main() -> None:
     )
     if args.no_anchor:
         for row in rows:
-            row["anchor"] = {k: float("nan") for k in ("seconds", "max_rss", "peak_pss", "disk")} | {"tokens": 1}
+            row["anchor"] = {k: float("nan") for k in ("seconds", "cpu_seconds", "max_rss", "peak_pss", "disk")}
+            row["anchor"]["tokens"] = 1
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"args": sys.argv[1:], "import_s": imports, "rows": rows}, indent=2))
