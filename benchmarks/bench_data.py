@@ -17,7 +17,7 @@ PSS, sampled 5 times a second (shared pages counted once); CPU seconds per MB (u
 what a machine with more cores divides); disk bytes per token (every byte the command wrote / tokens it
 produced). Then, on our prepared data: seconds from launching `roformer pretrain data.prepared=...` to its first
 logged step; seconds from launching a resume of a real checkpoint (step --ckpt_steps) to its first new
-step; and the same from a copy of that checkpoint whose data position is moved to 90% through the third epoch
+step; and the same from a copy of that checkpoint whose data position is moved to 90% through the fourth epoch
 (the position is all a resume seeks by; model and optimizer are unchanged), i.e. a late step. Not part of the
 test suite.
 
@@ -259,7 +259,7 @@ def train_times(prepared: Path, work: Path, args, env: dict) -> dict:
         ckpt_run / "metrics.jsonl", k + 1, work / "resume.log", args.timeout, env,
     )  # fmt: skip
 
-    # A late position: 90% through epoch 3 (an epoch's order is a fresh permutation of all blocks).
+    # A late position: 90% through epoch 3, the fourth (an epoch's order is a fresh permutation of all blocks).
     state = json.loads((ckpt / "trainer_state.json").read_text())
     manifest = json.loads((prepared / "manifest.json").read_text())
     per_epoch = manifest["counts"]["train"]["tokens"] // (args.block - 2) // state["micro_batch_size"]
