@@ -246,7 +246,7 @@ def train_times(prepared: Path, work: Path, args, env: dict) -> dict:
             f"data.max_seq_length={args.block}", f"model.max_position_embeddings={args.block}",
             "data.max_validation_blocks=64", "train.log_with=none", "train.log_every=1",
             "train.eval_every=1000000000", "train.save_every=1000000000", *args.train_overrides]  # fmt: skip
-    if args.train_threads:  # on a crowded CPU, two OpenMP threads per run can be 5x slower than one
+    if args.train_threads:  # on a crowded CPU, two OpenMP threads per run can be much slower than one
         env = {**env, "OMP_NUM_THREADS": str(args.train_threads)}
     k, ckpt_run = args.ckpt_steps, runs / "ckpt"
     first_step = seconds_to_step(  # timed to its first step, then left to go on to step k and save there
