@@ -31,7 +31,8 @@ def train_wordpiece(documents: Iterable[str], vocab_size: int, model_max_length:
 
     documents = list(documents)
     normalizer = normalizers.BertNormalizer(lowercase=True)
-    alphabet = sorted({c for doc in documents for c in normalizer.normalize_str(doc) if not c.isspace()})
+    raw = set().union(*map(set, documents))  # the normalizer works character by character: normalize each once
+    alphabet = sorted({c for r in raw for c in normalizer.normalize_str(r) if not c.isspace()})
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
