@@ -6,7 +6,7 @@ TORCH ?= 2.13.0
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_model.py
+
+# On a GPU machine whose python3 has torch, transformers and accelerate (no install, no download needed).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs
