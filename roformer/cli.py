@@ -19,7 +19,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _training_command(task: str):
     def run(args) -> int:
         from roformer.config import load_config
-        from roformer.trainer import TrainingDiverged, train
+        from roformer.trainer import Interrupted, TrainingDiverged, train
 
         cfg = load_config(args.config, args.overrides)
         if cfg.task != task:
@@ -29,6 +29,9 @@ def _training_command(task: str):
         except TrainingDiverged as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except Interrupted as err:  # outside the training loop: nothing new to save
+            print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
+            return 130
         if results.get("status") != "interrupted":
             print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
         return 0
