@@ -80,8 +80,16 @@ def convert_command(args) -> int:
 def evaluate_bleu_command(args) -> int:
     import json
 
-    from roformer.bleu import evaluate_bleu, format_scores
+    from roformer.bleu import check_generation_args, evaluate_bleu, format_scores, resolve_device
+    from roformer.rundir import check_writable_file
 
+    # every number and output place is checked before hours of decoding
+    check_generation_args(args.beam, args.max_len_a, args.max_len_b, args.batch_size, args.lenpen)
+    if args.hyp is None:
+        resolve_device(args.device)
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path:
+            check_writable_file(path, flag)
     scores = evaluate_bleu(
         args.src,
         args.ref,
@@ -237,9 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NUMBER_RULES = {
+    "learning_rates": ("--learning_rates", lambda v: v > 0, "positive"),
+    "seeds": ("--seeds", lambda v: v >= 0, "at least 0"),
+    "factors": ("--factors", lambda v: v >= 1, "at least 1"),
+    "max_tokens": ("--max_tokens", lambda v: v >= 1, "at least 1"),
+    "at_steps": ("--at-steps", lambda v: v >= 0, "at least 0"),
+}
+"""Numeric arguments of the subcommands other than evaluate-bleu (see roformer.bleu.check_generation_args)."""
+
+
+def check_numbers(args) -> None:
+    """The same one-line refusal for a bad number on the command line as for a bad config value."""
+    for dest, (flag, ok, allowed) in NUMBER_RULES.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values] if values is not None else []:
+            if not ok(value):
+                raise UserError(f"{flag}={value}: must be {allowed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_numbers(args)
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
