@@ -224,6 +224,7 @@ class Trainer:
                 lines = [line for line in path.read_text().splitlines() if line.startswith("# resumed from ")]
             lines += [history] if history else []
             path.write_text("".join(line + "\n" for line in lines) + self.cfg.to_yaml(), encoding="utf-8")
+            self.task.save_artifacts(self.run_dir / "tokenizer")  # the vocabulary a resume will reuse
         self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------------------------------------

@@ -178,8 +178,7 @@ def test_a_resumed_run_reuses_its_tokenizer(tmp_path):
     saved.save_pretrained(tmp_path / "tokenizer")
     cfg = load_config(RECIPE, ["train.resume_from=latest", "data.bpe_vocab_size=500"])
     task = TranslationTask(cfg)
-    train = type("Text", (), {"source": ["something else entirely"] * 5, "target": ["etwas anderes"] * 5})
-    reused = task._tokenizer(accelerator=None, run_dir=tmp_path, train=train)
+    reused = task.resolve_tokenizer(accelerator=None, run_dir=tmp_path, train=lambda: pytest.fail("trained anew"))
     assert reused.get_vocab() == saved.get_vocab()
 
 
@@ -437,6 +436,7 @@ def test_two_process_evaluation_equals_one_process_on_the_same_weights(tmp_path)
 
     cfg = load_config(RECIPE, [*overrides, f"output_dir={tmp_path / 'one'}", f"data.tokenizer={run / 'final'}"])
     task, accelerator = TranslationTask(cfg), Accelerator(cpu=True)
+    (tmp_path / "one").mkdir()  # the trainer makes the run directory; setup itself writes nothing there
     task.setup(accelerator, tmp_path / "one")
     model = load_pretrained(run / "final").eval()
     one = task.final_evaluation(model, task.eval_dataloader(), accelerator, tmp_path / "one")

@@ -21,9 +21,9 @@ from roformer.builtin_corpus import builtin_documents
 from roformer.config import MLMDataConfig, RunConfig
 from roformer.data_files import expand_text_files, read_utf8
 from roformer.errors import DataError
-from roformer.modeling import RoFormerForMaskedLM, load_pretrained
+from roformer.modeling import RoFormerForMaskedLM
 from roformer.tasks.base import Task
-from roformer.tokenization import load_tokenizer, train_wordpiece
+from roformer.tokenization import train_wordpiece
 
 WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")  # ' = Title = ' starts an article; ' = = Section = = ' does not
 PACKING_GROUP = 10_000  # documents packed together by one `datasets.map` batch
@@ -177,25 +177,19 @@ class SeededMasker:
 
 
 class MLMTask(Task):
+    init_from_class = RoFormerForMaskedLM
+
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.data: MLMDataConfig = cfg.data
 
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
+        self.load_init_from()
         train_docs, valid_docs = load_corpus(data, cfg.train.seed)
-        tokenizer_dir = run_dir / "tokenizer"
-        if data.tokenizer:
-            self.tokenizer = load_tokenizer(data.tokenizer)
-        elif cfg.train.resume_from and tokenizer_dir.is_dir():
-            self.tokenizer = load_tokenizer(tokenizer_dir)  # a resumed run keeps its vocabulary
-        else:
-            with accelerator.main_process_first():
-                self.tokenizer = train_wordpiece(train_docs, data.tokenizer_vocab_size, data.max_seq_length)
-        cfg.model.vocab_size = len(self.tokenizer)
-        cfg.model.pad_token_id = self.tokenizer.pad_token_id
-        if accelerator.is_main_process:
-            self.tokenizer.save_pretrained(tokenizer_dir)
+        self.resolve_tokenizer(
+            accelerator, run_dir, lambda: train_wordpiece(train_docs, data.tokenizer_vocab_size, data.max_seq_length)
+        )
 
         self.train_blocks = self._blocks(train_docs, accelerator, run_dir / "cache", "train")
         self.eval_blocks = self._blocks(valid_docs, accelerator, run_dir / "cache", "validation")
@@ -267,12 +261,7 @@ class MLMTask(Task):
         return BlockCollator(tok.pad_token_id, tok.all_special_ids)
 
     def build_model(self) -> RoFormerForMaskedLM:
-        if self.cfg.init_from:
-            model = load_pretrained(self.cfg.init_from)
-            if not isinstance(model, RoFormerForMaskedLM):
-                raise DataError(f"init_from={self.cfg.init_from}: holds a {type(model).__name__}, not a masked LM")
-            return model
-        return RoFormerForMaskedLM(self.cfg.model)
+        return self.initial_weights(RoFormerForMaskedLM(self.cfg.model))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -318,6 +307,3 @@ class MLMTask(Task):
             totals += accelerator.gather_for_metrics(per_example).sum(0).cpu()
         loss = (totals[0] / totals[2]).item()
         return {"loss": loss, "mlm_accuracy": (totals[1] / totals[2]).item(), "perplexity": math.exp(min(loss, 50.0))}
-
-    def save_artifacts(self, path: Path) -> None:
-        self.tokenizer.save_pretrained(path)

@@ -34,7 +34,7 @@ from roformer.config import RunConfig, TranslationDataConfig
 from roformer.data_files import read_line_aligned
 from roformer.errors import ConfigError, DataError
 from roformer.generation import generate
-from roformer.modeling import RoFormerForSeq2SeqLM, load_pretrained
+from roformer.modeling import RoFormerForSeq2SeqLM
 from roformer.tasks.base import Task
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3
@@ -243,6 +243,8 @@ class Split:
 
 
 class TranslationTask(Task):
+    init_from_class = RoFormerForSeq2SeqLM
+    tokenizer_files = ("tokenizer.json",)
     MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
 
     def __init__(self, cfg: RunConfig):
@@ -256,6 +258,7 @@ class TranslationTask(Task):
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
         self.accelerator = accelerator
+        self.load_init_from()
         if cfg.model.num_decoder_layers < 1 and not cfg.init_from:
             raise ConfigError("model.num_decoder_layers must be at least 1 for translation (Transformer-base: 6)")
         train = load_split(data, "train")
@@ -269,23 +272,17 @@ class TranslationTask(Task):
         test = load_split(data, "test")
         self.test_text = first(test, data.max_eval_samples) if test is not None else None
 
-        self.tokenizer = self._tokenizer(accelerator, run_dir, train)
-        cfg.model.vocab_size = len(self.tokenizer)
-        cfg.model.pad_token_id = self.tokenizer.pad_token_id
-        if accelerator.is_main_process:
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
+        self.resolve_tokenizer(
+            accelerator,
+            run_dir,
+            lambda: train_joint_bpe(itertools.chain(train.source, train.target), data.bpe_vocab_size),
+        )
 
         self.train_split = self._training_split(train)
         self.valid_split = self._eval_split(valid)
 
-    def _tokenizer(self, accelerator, run_dir: Path, train: ParallelText) -> PreTrainedTokenizerFast:
-        data, cfg = self.data, self.cfg
-        if data.tokenizer:
-            return load_tokenizer(data.tokenizer, "data.tokenizer")
-        if cfg.train.resume_from and (run_dir / "tokenizer" / "tokenizer.json").is_file():
-            return load_tokenizer(run_dir / "tokenizer", "tokenizer")  # a resumed run keeps its vocabulary
-        with accelerator.main_process_first():
-            return train_joint_bpe(itertools.chain(train.source, train.target), data.bpe_vocab_size)
+    def read_tokenizer(self, path: str | Path, key: str) -> PreTrainedTokenizerFast:
+        return load_tokenizer(path, key)
 
     def _training_split(self, text: ParallelText) -> Split:
         data = self.data
@@ -332,12 +329,7 @@ class TranslationTask(Task):
     # ---------------------------------------------------------------------------------------------
 
     def build_model(self) -> RoFormerForSeq2SeqLM:
-        if self.cfg.init_from:
-            model = load_pretrained(self.cfg.init_from)
-            if not isinstance(model, RoFormerForSeq2SeqLM):
-                raise DataError(f"init_from={self.cfg.init_from}: holds a {type(model).__name__}, not a seq2seq model")
-            return model
-        return RoFormerForSeq2SeqLM(self.cfg.model)
+        return self.initial_weights(RoFormerForSeq2SeqLM(self.cfg.model))
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label-smoothed cross-entropy (train.label_smoothing; the paper: 0.1), mean over target tokens."""
@@ -419,9 +411,6 @@ class TranslationTask(Task):
             )
         losses = np.array([smoothed.item(), nll.item(), int(labels.ne(-100).sum())])
         return losses, batch["example_index"].tolist(), hyps.tokens
-
-    def save_artifacts(self, path: Path) -> None:
-        self.tokenizer.save_pretrained(path)
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:
