@@ -132,10 +132,13 @@ class Checkpoints:
             time.sleep(0.1)
 
     def _prune(self, keep: int) -> None:
-        for _, path in self.complete()[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
-        for path in self.root.glob(".tmp_step_*"):  # left by a process killed while saving
-            shutil.rmtree(path, ignore_errors=True)
+        for step, path in self.complete()[:-keep]:
+            gone = self.root / f".pruned_step_{step}"
+            os.replace(path, gone)  # out of sight first: a kill during the deletion leaves no half checkpoint
+            shutil.rmtree(gone, ignore_errors=True)
+        for pattern in (".tmp_step_*", ".old_step_*", ".pruned_step_*"):  # left by a process killed while saving
+            for path in self.root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
 
     def load(self, path: Path) -> dict:
         """Restore the accelerate state saved at `path` and return its trainer state; CheckpointError if the

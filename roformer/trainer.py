@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -118,12 +119,34 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
+def our_deepspeed_settings(tc: TrainConfig) -> None:
+    """Under DeepSpeed, accelerate takes gradient accumulation and clipping from the launcher's YAML and silently
+    prefers them to ours: the run's config decides instead (the launcher passes the YAML's values as these
+    variables, read when the Accelerator is created)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(tc.gradient_accumulation_steps)
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(tc.max_grad_norm) if tc.max_grad_norm > 0 else "auto"
+
+
+def check_one_process_group(accelerator) -> None:
+    """A launcher that started N processes which do not form one group (e.g. a GPU config on a machine without
+    GPUs) would have N processes each train alone as the main one, writing the same run directory."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserError(
+            f"{launched} processes were launched but accelerate sees {accelerator.num_processes} in the group "
+            f"(distributed type {accelerator.distributed_type}); on CPU launch with ACCELERATE_USE_CPU=true and "
+            "--multi_gpu, or use a config whose distributed type this machine supports"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, task: Task | None = None):
         self.cfg = cfg
         self.tc = cfg.train
         self.task = task or get_task_class(cfg.task)(cfg)
         self.run_dir = Path(cfg.output_dir)
+        our_deepspeed_settings(self.tc)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=self.tc.gradient_accumulation_steps,
             mixed_precision=self.tc.mixed_precision,
@@ -131,6 +154,7 @@ class Trainer:
             project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
+        check_one_process_group(self.accelerator)
         self.checkpoints = Checkpoints(self.run_dir, self.accelerator, self.tc.keep_last)
         self.state = TrainerState()
         self.lock = RunLock(self.run_dir)

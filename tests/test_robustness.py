@@ -6,6 +6,7 @@ two processes are the point.
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from roformer.checkpointing import verify
@@ -389,7 +391,7 @@ def test_evaluate_bleu_refuses_bad_numbers_before_any_work(bleu_files, capsys, a
     assert expected in one_error_line(capsys)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_evaluate_bleu_refuses_cuda_without_a_gpu(bleu_files, capsys):
     assert main(["evaluate-bleu", *bleu_files, "--device", "cuda"]) == 2
     assert "--device=cuda: no CUDA GPU is available here" in one_error_line(capsys)
@@ -449,3 +451,81 @@ def test_negative_train_numbers_are_refused(tmp_path, capsys, override, expected
     assert pretrain(tmp_path / "run", override) == 2
     assert expected in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault injection: killed again and again, at random moments and inside saves
+# --------------------------------------------------------------------------------------------------
+
+KILLED_AT = """
+import os, random, signal, sys, threading, time
+import roformer.checkpointing as checkpointing
+from roformer.cli import main
+
+mode, value = sys.argv[1], float(sys.argv[2])
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "after":  # a kill at a random moment: start-up, a step, an evaluation or a save
+    threading.Timer(value, die).start()
+elif mode in ("in_save", "in_publish"):  # inside the value-th save: files written, or half renamed into place
+    calls = {"n": 0}
+    target = checkpointing.Checkpoints._wait_for_ranks if mode == "in_save" else checkpointing.os.replace
+    def killing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == int(value):
+            die()
+        return target(*args, **kwargs)
+    if mode == "in_save":
+        checkpointing.Checkpoints._wait_for_ranks = staticmethod(killing)
+    else:
+        checkpointing.os.replace = killing
+sys.exit(main(["pretrain", *sys.argv[3:]]))
+"""
+
+
+def test_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL (no chance to clean up) many times, at random moments and inside saves; every restart resumes from
+    a complete checkpoint, and the end is bit for bit the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    common = ["train.max_steps=8", "train.save_every=1", "train.log_every=1", "train.keep_last=2"]
+    straight = tmp_path / "straight"
+    train(tiny(straight, *common))
+    vocab = f"data.tokenizer={straight / 'tokenizer'}"
+
+    script, run_dir = tmp_path / "killed.py", tmp_path / "run"
+    script.write_text(KILLED_AT)
+    args = ["--config", str(RECIPE), *TINY, *common, vocab, f"output_dir={run_dir}", "train.resume_from=latest"]
+    rng = random.Random(15)
+    plan = [("in_save", 2), ("after", 5.0), ("in_publish", 1), ("after", 6.5), ("in_save", 3), ("after", 5.5)]
+    plan += [("none", 0)]
+    resumed_at = []
+    for mode, value in plan:
+        value = value + rng.uniform(0, 1.5) if mode == "after" else value
+        done = subprocess.run(
+            [sys.executable, str(script), mode, str(value), *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode in (0, -signal.SIGKILL), done.stderr[-2000:]
+        resumed_at += [line for line in done.stdout.splitlines() if line.startswith("resumed from")]
+        for step_dir in (run_dir / "checkpoints").glob("step_*"):
+            assert verify(step_dir) is None, step_dir  # published means complete
+        if done.returncode == 0:
+            break
+    assert done.returncode == 0 and mode == "none", "the run did not finish"
+    assert len(resumed_at) >= 3, resumed_at  # it really was cut short and resumed, several times
+
+    ours, reference = (
+        load_file(run_dir / "final" / "model.safetensors"),
+        load_file(straight / "final" / "model.safetensors"),
+    )
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        assert torch.equal(ours[name], reference[name]), name
+    losses = [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
+    assert losses == [(r["step"], r["train/loss"]) for r in read_metrics(straight) if "train/loss" in r]
