@@ -140,6 +140,21 @@ def check_one_process_group(accelerator) -> None:
         )
 
 
+def check_distribution(accelerator, tc: TrainConfig) -> None:
+    """What this trainer does not support is refused before any work, not found broken at the end."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        raise UserError(
+            "FSDP is not supported: final/, best/ and checkpoint averaging are written from full state dicts; "
+            "use configs/accelerate/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml"
+        )
+    if kind == "DEEPSPEED" and tc.average_checkpoints > 1:
+        raise UserError(
+            f"train.average_checkpoints={tc.average_checkpoints} cannot read DeepSpeed's checkpoint format; "
+            "set it to 0 or launch with configs/accelerate/multi_gpu.yaml"
+        )
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, task: Task | None = None):
         self.cfg = cfg
@@ -155,6 +170,7 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
         check_one_process_group(self.accelerator)
+        check_distribution(self.accelerator, self.tc)
         self.checkpoints = Checkpoints(self.run_dir, self.accelerator, self.tc.keep_last)
         self.state = TrainerState()
         self.lock = RunLock(self.run_dir)

@@ -30,6 +30,7 @@ from roformer.trainer import Trainer, train
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RECIPE = ROOT / "configs" / "pretrain" / "tiny.yaml"
+MULTI_GPU_YAML = ROOT / "configs" / "accelerate" / "multi_gpu.yaml"
 TINY = [
     "data.corpus=files",
     f"data.train_files={DATA / 'text' / 'wikitext2.valid.txt'}",
@@ -88,8 +89,9 @@ def copy_run(run_dir: Path, to: Path) -> Path:
 
 def launch_two(script: Path, args: list[str], port: int, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--main_process_port", str(port), str(script)]
+    # the shipped DDP config, on CPU: ACCELERATE_USE_CPU makes it gloo
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_YAML)]
+    launcher += ["--num_processes", "2", "--main_process_port", str(port), str(script)]
     return subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -529,3 +531,44 @@ def test_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(ours[name], reference[name]), name
     losses = [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
     assert losses == [(r["step"], r["train/loss"]) for r in read_metrics(straight) if "train/loss" in r]
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped accelerate configs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_each_shipped_accelerate_config_is_supported():
+    """multi_gpu.yaml runs in the two-process tests above; DeepSpeed takes our accumulation and clipping; FSDP
+    was removed (final/ and averaging need full state dicts) and is refused if a user brings their own."""
+    shipped = sorted(p.name for p in (ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert shipped == ["deepspeed_zero2.yaml", "multi_gpu.yaml"]
+    deepspeed = yaml.safe_load((ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml").read_text())
+    assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(deepspeed["deepspeed_config"])
+    assert "mixed_precision" not in deepspeed and "mixed_precision" not in yaml.safe_load(MULTI_GPU_YAML.read_text())
+
+
+def test_deepspeed_gets_the_runs_accumulation_and_clipping(monkeypatch):
+    from roformer.trainer import our_deepspeed_settings
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")  # as the launcher passes a YAML's value
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
+    our_deepspeed_settings(tiny("unused", "train.gradient_accumulation_steps=4", "train.max_grad_norm=0.5").train)
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
+    assert os.environ["ACCELERATE_GRADIENT_CLIPPING"] == "0.5"
+
+
+def test_launches_the_trainer_cannot_serve_are_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from roformer.trainer import check_distribution, check_one_process_group
+
+    monkeypatch.setenv("WORLD_SIZE", "8")  # a GPU config on a machine without GPUs: 8 lone "main" processes
+    with pytest.raises(UserError, match="8 processes were launched but accelerate sees 1 in the group"):
+        check_one_process_group(SimpleNamespace(num_processes=1, distributed_type="DistributedType.NO"))
+    tc = tiny("unused", "train.average_checkpoints=2").train
+    with pytest.raises(UserError, match="FSDP is not supported"):
+        check_distribution(SimpleNamespace(distributed_type="DistributedType.FSDP"), tc)
+    with pytest.raises(UserError, match="train.average_checkpoints=2 cannot read DeepSpeed"):
+        check_distribution(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"), tc)
