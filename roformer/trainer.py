@@ -186,6 +186,8 @@ class Trainer:
         resume = self.tc.resume_from
         if resume is None:
             return None
+        if self.cfg.overwrite:
+            raise UserError(f"overwrite=true and train.resume_from={resume} contradict each other; choose one")
         if resume == "latest":
             return self.checkpoints.latest()  # None: nothing saved yet, start from the beginning
         path = Path(resume)
