@@ -217,7 +217,11 @@ class Trainer:
     def _check_some_batch(self) -> None:
         """An epoch without a single batch would make the loop wait forever for its first step."""
         dataloader = self.task.train_dataloader()
-        if len(dataloader) == 0:
+        try:
+            empty = len(dataloader) == 0
+        except TypeError:  # a stream without a length: nothing to check up front
+            return
+        if empty:
             size = len(dataloader.dataset) if hasattr(dataloader.dataset, "__len__") else "too few"
             raise UserError(
                 f"the training data gives no batch: {size} training examples for "

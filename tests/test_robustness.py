@@ -235,6 +235,8 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(finished_run, tmp
     assert {p.name: p.read_bytes() for p in (run_dir / "eval_results.json", run_dir / "metrics.jsonl")} == before
     assert (run_dir / "final" / "model.safetensors").is_file()
 
+    assert pretrain(run_dir, "train.max_steps=3", "train.resume_from=latest", "overwrite=true") == 2
+    assert "overwrite=true and train.resume_from=latest contradict each other" in one_error_line(capsys)
     assert pretrain(run_dir, "train.max_steps=2", "train.save_every=100", "overwrite=true") == 0  # explicit
     assert json.loads((run_dir / "eval_results.json").read_text())["step"] == 2
     assert max(r["step"] for r in read_metrics(run_dir)) == 2
