@@ -69,7 +69,13 @@ class RunLock:
             owner = {}
         host, pid = owner.get("host"), owner.get("pid")
         if host == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
-            self.path.unlink(missing_ok=True)  # its owner was killed: a stale lock
+            # its owner was killed: a stale lock. Read again just before removing it, so that a job which took
+            # it over meanwhile keeps its lock (the window left is a few microseconds).
+            try:
+                if json.loads(self.path.read_text() or "{}") == owner:
+                    self.path.unlink()
+            except (OSError, ValueError):
+                pass
             return
         if not owner:  # unreadable: half-written by a job killed while taking it, or edited by hand
             raise UserError(f"{self.path}: an unreadable lock file; delete it if no job uses {self.path.parent}")
