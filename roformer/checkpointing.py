@@ -1,8 +1,11 @@
 """Resumable checkpoints under `run_dir/checkpoints/step_<N>/`, written so a crash never leaves a broken latest.
 
-A checkpoint is accelerate's full state (model, optimizer, RNG, ...) plus `trainer_state.json` (step and data
-position). It is written to a hidden temporary directory and renamed into place only when complete;
-`latest()` only ever returns complete checkpoints.
+A checkpoint is accelerate's full state (model, optimizer, each rank's RNG, ...), the run's resolved
+`config.yaml` (a resume is checked against it), `manifest.json` (every file and its size, each rank's included)
+and `trainer_state.json` (step and data position), written last. Every rank writes into a hidden temporary
+directory; the main process renames it into place only after all of them are done. `complete()` and `latest()`
+only return checkpoints whose files all match the manifest; a resume that finds the newest one unreadable anyway
+falls back to the previous one with a warning (`load_newest`).
 """
 
 from __future__ import annotations
