@@ -578,3 +578,21 @@ def test_launches_the_trainer_cannot_serve_are_refused(monkeypatch):
         check_distribution(SimpleNamespace(distributed_type="DistributedType.FSDP"), tc)
     with pytest.raises(UserError, match="train.average_checkpoints=2 cannot read DeepSpeed"):
         check_distribution(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"), tc)
+
+
+def test_a_stop_is_honoured_in_every_phase():
+    """In the training loop the first SIGTERM/SIGINT asks for a checkpoint at the next step boundary (after an
+    evaluation in progress); outside it (data loading, the final evaluation) and for a second signal, it stops
+    at once."""
+    from roformer.trainer import Interrupted, StopRequested
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopRequested() as stop:
+        with pytest.raises(Interrupted, match="stopped by SIGTERM"):
+            signal.raise_signal(signal.SIGTERM)  # set-up: not armed
+        stop.armed = True
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested  # the loop saves and exits at the next step
+        with pytest.raises(Interrupted, match="stopped by SIGINT"):
+            signal.raise_signal(signal.SIGINT)  # asked twice: now
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handlers are back
