@@ -146,6 +146,55 @@ def translate_lines(
     return translations
 
 
+def check_generation_args(beam_size: int, max_len_a: float, max_len_b: int, batch_size: int, lenpen: float) -> None:
+    """Numbers a translation command accepts, checked before any work (names as on the command line)."""
+    import math
+
+    limits = (("--beam", beam_size, 1), ("--batch_size", batch_size, 1), ("--max_len_b", max_len_b, 0))
+    for flag, value, least in limits:
+        if value < least:
+            raise UserError(f"{flag}={value}: must be at least {least}")
+    if not (math.isfinite(max_len_a) and max_len_a >= 0):
+        raise UserError(f"--max_len_a={max_len_a}: must be a number at least 0")
+    if not math.isfinite(lenpen):
+        raise UserError(f"--lenpen={lenpen}: must be a finite number")
+    if max_len_a == 0 and max_len_b == 0:
+        raise UserError("--max_len_a=0 and --max_len_b=0 allow no token at all; give a positive --max_len_b")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """--device as torch names it; a GPU that is not there is refused here rather than deep in torch."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device={device}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={device}: no CUDA GPU is available here; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UserError(f"--device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={device}: MPS is not available here; use --device cpu")
+    return resolved
+
+
+def check_fits_positions(model, tokenizer, lines: list[str], max_len_a: float, max_len_b: int) -> None:
+    """A learned position table has max_position_embeddings rows: the longest allowed translation (BOS + tokens)
+    must fit, or decoding would fail midway with a message about the input."""
+    config = model.config
+    if config.position != "learned":
+        return
+    rows = config.max_position_embeddings
+    longest_source = max((len(row) - 1 for row in encode_sources(tokenizer, lines)), default=0)
+    longest = int(max_len_a * longest_source + max_len_b)
+    if longest + 1 > rows:
+        raise UserError(
+            f"--max_len_a={max_len_a} --max_len_b={max_len_b} allow translations of {longest} tokens, but the "
+            f"model's learned position table has {rows} rows (at most {rows - 1} tokens after BOS); lower them"
+        )
+
+
 def evaluate_bleu(
     src: str | Path,
     ref: str | Path,
@@ -169,7 +218,9 @@ def evaluate_bleu(
         if checkpoint is None:
             raise UserError("give --checkpoint (a model to translate with) or --hyp (translations to score)")
         model, tokenizer = load_translator(checkpoint)
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.to(resolve_device(device))
+        a, b = generation.get("max_len_a", 0.0), generation.get("max_len_b", 200)
+        check_fits_positions(model, tokenizer, sources, a, b)
         hypotheses = translate_lines(model, tokenizer, sources, progress=True, **generation)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def _training_command(task: str):
     def run(args) -> int:
         from roformer.config import load_config
-        from roformer.trainer import TrainingDiverged, train
+        from roformer.trainer import Interrupted, TrainingDiverged, train
 
         cfg = load_config(args.config, args.overrides)
         if cfg.task != task:
@@ -29,6 +29,9 @@ def _training_command(task: str):
         except TrainingDiverged as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        except Interrupted as err:  # outside the training loop: nothing new to save
+            print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
+            return 130
         if results.get("status") != "interrupted":
             print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
         return 0
@@ -77,8 +80,16 @@ def convert_command(args) -> int:
 def evaluate_bleu_command(args) -> int:
     import json
 
-    from roformer.bleu import evaluate_bleu, format_scores
+    from roformer.bleu import check_generation_args, evaluate_bleu, format_scores, resolve_device
+    from roformer.rundir import check_writable_file
 
+    # every number and output place is checked before hours of decoding
+    check_generation_args(args.beam, args.max_len_a, args.max_len_b, args.batch_size, args.lenpen)
+    if args.hyp is None:
+        resolve_device(args.device)
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path:
+            check_writable_file(path, flag)
     scores = evaluate_bleu(
         args.src,
         args.ref,
@@ -262,9 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NUMBER_RULES = {
+    "learning_rates": ("--learning_rates", lambda v: v > 0, "positive"),
+    "seeds": ("--seeds", lambda v: v >= 0, "at least 0"),
+    "factors": ("--factors", lambda v: v >= 1, "at least 1"),
+    "max_tokens": ("--max_tokens", lambda v: v >= 1, "at least 1"),
+    "at_steps": ("--at-steps", lambda v: v >= 0, "at least 0"),
+}
+"""Numeric arguments of the subcommands other than evaluate-bleu (see roformer.bleu.check_generation_args)."""
+
+
+def check_numbers(args) -> None:
+    """The same one-line refusal for a bad number on the command line as for a bad config value."""
+    for dest, (flag, ok, allowed) in NUMBER_RULES.items():
+        values = getattr(args, dest, None)
+        for value in values if isinstance(values, list) else [values] if values is not None else []:
+            if not ok(value):
+                raise UserError(f"{flag}={value}: must be {allowed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_numbers(args)
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

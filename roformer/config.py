@@ -333,6 +333,19 @@ class TrainConfig:
             raise ConfigError(f"train.average_checkpoints={self.average_checkpoints} needs train.keep_last >= it")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        for name in ("warmup_steps", "num_workers", "average_checkpoints", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be at least 0, got {getattr(self, name)}")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            raise ConfigError(f"train.max_eval_batches must be at least 1 (or null), got {self.max_eval_batches}")
+        for name in ("adam_beta1", "adam_beta2", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon <= 0 or not 0.0 <= self.warmup_init_lr <= self.learning_rate:
+            raise ConfigError(
+                f"train.adam_epsilon must be positive (got {self.adam_epsilon}) and train.warmup_init_lr in "
+                f"[0, train.learning_rate] (got {self.warmup_init_lr})"
+            )
 
 
 DATA_CONFIGS: dict[str, type] = {"mlm": MLMDataConfig, "glue": GLUEDataConfig, "translation": TranslationDataConfig}
@@ -346,6 +359,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     init_from: str | None = None
     """Start from these weights: a run's final/ directory or a transformers checkpoint directory."""
+    overwrite: bool = False
+    """Replace the outputs of a run already in output_dir (otherwise refused, unless resuming)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: Any = field(default_factory=MLMDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -527,6 +542,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = config_from_dict(raw, origin)  # the file alone first, so its own mistakes name the file
     if overrides:
         cfg = config_from_dict(_merge(raw, parse_overrides(overrides)), f"{origin} + command line")
+    # not a config key: what the user set on the command line (init_from refuses model overrides it cannot apply)
+    cfg.command_line = parse_overrides(overrides or [])
     return cfg
 
 

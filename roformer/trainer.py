@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import torch
@@ -23,10 +25,19 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from roformer.batching import RankBatches, split_global_batch, split_global_tokens
-from roformer.checkpointing import Checkpoints, average_checkpoints
-from roformer.config import RunConfig, TrainConfig, save_config
+from roformer.checkpointing import (
+    STATE_FILE,
+    CheckpointError,
+    Checkpoints,
+    average_checkpoints,
+    config_changes,
+    recorded_config,
+    verify,
+)
+from roformer.config import RunConfig, TrainConfig
 from roformer.errors import DataError, UserError
 from roformer.flops import device_peak_flops, mfu
+from roformer.rundir import RunLock, check_run_dir
 from roformer.tasks import get_task_class
 from roformer.tasks.base import Task
 from roformer.tracking import MetricsLog, tracker_name
@@ -95,11 +106,20 @@ def build_scheduler(optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.Lamb
     return scheduler
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT outside the training loop (set-up, final evaluation), or a second one inside it."""
+
+
 class StopRequested:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then it checkpoints and exits)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it checkpoints and exits).
+
+    Only while `armed` (inside the training loop, where the next step boundary is near); elsewhere, and for a
+    second signal, it raises `Interrupted` at once, so no phase (reading data, evaluating) can ignore a stop.
+    """
 
     def __init__(self):
         self.requested = False
+        self.armed = False
         self._previous = {}
 
     def __enter__(self):
@@ -108,11 +128,49 @@ class StopRequested:
         return self
 
     def _handle(self, signum, frame):
+        if not self.armed or self.requested:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name}")
         self.requested = True
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def our_deepspeed_settings(tc: TrainConfig) -> None:
+    """Under DeepSpeed, accelerate takes gradient accumulation and clipping from the launcher's YAML and silently
+    prefers them to ours: the run's config decides instead (the launcher passes the YAML's values as these
+    variables, read when the Accelerator is created)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = "1"  # the trainer accumulates micro-batches itself
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(tc.max_grad_norm) if tc.max_grad_norm > 0 else "auto"
+
+
+def check_one_process_group(accelerator) -> None:
+    """A launcher that started N processes which do not form one group (e.g. a GPU config on a machine without
+    GPUs) would have N processes each train alone as the main one, writing the same run directory."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes != launched:
+        raise UserError(
+            f"{launched} processes were launched but accelerate sees {accelerator.num_processes} in the group "
+            f"(distributed type {accelerator.distributed_type}); on CPU launch with ACCELERATE_USE_CPU=true and "
+            "--multi_gpu, or use a config whose distributed type this machine supports"
+        )
+
+
+def check_distribution(accelerator, tc: TrainConfig) -> None:
+    """What this trainer does not support is refused before any work, not found broken at the end."""
+    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if kind == "FSDP":
+        raise UserError(
+            "FSDP is not supported: final/, best/ and checkpoint averaging are written from full state dicts; "
+            "use configs/accelerate/multi_gpu.yaml (DDP) or deepspeed_zero2.yaml"
+        )
+    if kind == "DEEPSPEED" and tc.average_checkpoints > 1:
+        raise UserError(
+            f"train.average_checkpoints={tc.average_checkpoints} cannot read DeepSpeed's checkpoint format; "
+            "set it to 0 or launch with configs/accelerate/multi_gpu.yaml"
+        )
 
 
 class Trainer:
@@ -125,6 +183,7 @@ class Trainer:
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 products (outside autocast) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
+        our_deepspeed_settings(self.tc)
         self.accelerator = Accelerator(  # accumulation is ours: a step's micro-batches are weighted by their terms
             # The other ranks wait at a barrier while the main process prepares a raw corpus on first use: hours
             # for a 20 GB corpus, far beyond the default 30-minute collective timeout.
@@ -134,27 +193,31 @@ class Trainer:
             project_dir=str(self.run_dir),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
+        check_one_process_group(self.accelerator)
+        check_distribution(self.accelerator, self.tc)
         self.checkpoints = Checkpoints(self.run_dir, self.accelerator, self.tc.keep_last)
         self.state = TrainerState()
+        self.lock = RunLock(self.run_dir)
+        self._pending_tokens = 0
+        """Training tokens on this process not yet added to state.tokens_seen (added at logging and saving)."""
 
     # ---------------------------------------------------------------------------------------------
     # Set-up
     # ---------------------------------------------------------------------------------------------
 
-    def _resume_point(self) -> Path | None:
+    def _resume_candidate(self) -> Path | None:
+        """The checkpoint a resume will start from (the newest complete one for `latest`), before loading it."""
         resume = self.tc.resume_from
         if resume is None:
-            if self.checkpoints.complete():
-                raise UserError(
-                    f"{self.run_dir}: output_dir already holds checkpoints; continue it with train.resume_from=latest "
-                    "or choose a new output_dir"
-                )
             return None
+        if self.cfg.overwrite:
+            raise UserError(f"overwrite=true and train.resume_from={resume} contradict each other; choose one")
         if resume == "latest":
             return self.checkpoints.latest()  # None: nothing saved yet, start from the beginning
         path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise UserError(f"train.resume_from={resume}: not a complete checkpoint directory")
+        reason = verify(path) if path.is_dir() else "not a directory"
+        if reason is not None:
+            raise UserError(f"train.resume_from={resume}: not a complete checkpoint directory ({reason})")
         return path
 
     def _resolve_batch(self) -> None:
@@ -170,14 +233,67 @@ class Trainer:
             micro, tc.gradient_accumulation_steps = split_global_batch(total, processes, tc.per_device_batch_size)
             self.micro_batch_size = tc.per_device_batch_size = micro
         tc.global_batch_size = total
+        batches = len(self.task.epoch_batches(0, self.micro_batch_size)) // processes
+        if batches == 0:  # the loop would wait forever for its first step
+            raise DataError(
+                f"the training data gives no batch: fewer than {processes} micro-batch(es) of "
+                f"{self.micro_batch_size} {self.task.batch_unit} per epoch; give more data or a smaller "
+                "train.global_batch_size"
+            )
         if tc.num_epochs is not None:
-            batches = len(self.task.epoch_batches(0, self.micro_batch_size)) // processes
             tc.max_steps = tc.num_epochs * max(1, batches // tc.gradient_accumulation_steps)
 
-    def _write_run_header(self) -> None:
+    def _claim_run_dir(self, resuming: bool, has_checkpoint: bool) -> None:
+        """Lock the run directory (main process) and refuse to overwrite another run; every rank learns the
+        outcome, so that a refusal stops all of them with the main process's message."""
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                self.lock.acquire()
+                check_run_dir(self.run_dir, resuming, has_checkpoint, self.cfg.overwrite)
+            except UserError as err:
+                self.lock.release()
+                error = str(err)
+        if acc.num_processes > 1:
+            failed = acc.reduce(torch.tensor(int(error is not None), device=acc.device), "max").item()
+            if failed and error is None:
+                error = f"{self.run_dir}: the main process could not take the run directory (see its message)"
+        if error is not None:
+            raise UserError(error)
+
+    def _check_resume(self, checkpoint: Path) -> str:
+        """Refuse a resume whose model or data settings differ from the checkpoint's; the history line for
+        config.yaml naming what changed (schedule and reporting keys)."""
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        recorded = recorded_config(checkpoint)
+        changes = config_changes(recorded, self.cfg.to_dict(), checkpoint, state["step"]) if recorded else {}
+        changes.pop("train.resume_from", None)
+        changes.pop("output_dir", None)
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        what = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()) or "nothing changed"
+        return f"# resumed from {checkpoint.name} at step {state['step']} ({when}): {what}"
+
+    def _already_done(self, checkpoint: Path) -> dict | None:
+        """The saved results of a run that finished at train.max_steps: resuming it again has nothing to do."""
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        results = self.run_dir / "eval_results.json"
+        finished = state.get("status") == "done" and state["step"] >= self.tc.max_steps
+        if finished and results.is_file() and (self.run_dir / "final").is_dir():
+            return json.loads(results.read_text())
+        return None
+
+    def _write_run_header(self, history: str | None) -> None:
+        """config.yaml: the resolved config, below the history of the resumes that changed it (YAML comments,
+        so the file still loads as a config)."""
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            path = self.run_dir / "config.yaml"
+            lines = []
+            if history is not None and path.is_file():
+                lines = [line for line in path.read_text().splitlines() if line.startswith("# resumed from ")]
+            lines += [history] if history else []
+            path.write_text("".join(line + "\n" for line in lines) + self.cfg.to_yaml(), encoding="utf-8")
+            self.task.save_artifacts(self.run_dir / "tokenizer")  # the vocabulary a resume will reuse
         self.accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------------------------------------
@@ -223,10 +339,31 @@ class Trainer:
     def train(self) -> dict:
         """Run to train.max_steps (or until stopped) and return the final evaluation."""
         set_seed(self.tc.seed)
-        resume_dir = self._resume_point()
+        candidate = self._resume_candidate()
+        created = not self.run_dir.exists()
+        with StopRequested() as stop:
+            self._claim_run_dir(self.tc.resume_from is not None, candidate is not None)
+            try:
+                return self._train(candidate, stop)
+            except BaseException:
+                if created and not self.run_header_written and self.accelerator.is_main_process:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)  # bad input leaves no run directory behind
+                raise
+            finally:
+                self.lock.release()
+
+    run_header_written = False
+    finished_before = False
+
+    def _train(self, candidate: Path | None, stop: StopRequested) -> dict:
         self.task.setup(self.accelerator, self.run_dir)  # bad data fails here, before the run dir is written
         self._resolve_batch()
-        self._write_run_header()
+        history = self._check_resume(candidate) if candidate is not None else None
+        if candidate is not None and (done := self._already_done(candidate)) is not None:
+            self._print(f"{self.run_dir}: already finished at step {self.tc.max_steps}; nothing to do")
+            return done
+        self._write_run_header(history)
+        self.run_header_written = True
 
         model = self.task.build_model()
         optimizer = build_optimizer(model, self.tc, fused=self.accelerator.device.type == "cuda")
@@ -243,12 +380,8 @@ class Trainer:
 
         geometry = {"num_processes": self.accelerator.num_processes, "micro_batch_size": self.micro_batch_size}
         self.state = TrainerState(**geometry)
-        if resume_dir is not None:
-            self.state = TrainerState(**{**geometry, **self.checkpoints.load(resume_dir)})
-            self.state.status = "running"
-            self._check_geometry(resume_dir, geometry)
-            self._print(f"resumed from {resume_dir} at step {self.state.step}")
-        self.log = MetricsLog(self.run_dir, self.accelerator, self.state.step if resume_dir else None)
+        resumed = self._load(candidate, geometry) if candidate is not None else False
+        self.log = MetricsLog(self.run_dir, self.accelerator, self.state.step if resumed else None)
         if self.accelerator.log_with:
             self.accelerator.init_trackers(
                 self.tc.project,
@@ -256,12 +389,13 @@ class Trainer:
                 init_kwargs={"wandb": {"dir": str(self.run_dir), "name": self.run_dir.name}},
             )
 
-        with StopRequested() as stop:
-            self._loop(stop)
+        stop.armed = True
+        self._loop(stop)
+        stop.armed = False
         if self.state.status == "interrupted":
             self.accelerator.end_training()
             return {"status": "interrupted", "step": self.state.step}
-        results = self._finish()
+        results = self._finish(log_eval=not self.finished_before)
         self.accelerator.end_training()
         return results
 
@@ -275,6 +409,26 @@ class Trainer:
                 f"{geometry['micro_batch_size']}; resume with the same number of processes"
             )
         self.state.num_processes, self.state.micro_batch_size = geometry["num_processes"], geometry["micro_batch_size"]
+
+    def _load(self, candidate: Path, geometry: dict) -> bool:
+        """Restore `candidate`; with resume_from=latest a broken one falls back to the previous complete one."""
+        if self.tc.resume_from == "latest":
+            loaded = self.checkpoints.load_newest()
+            if loaded is None:
+                raise UserError(f"{self.checkpoints.root}: no checkpoint here can be loaded (see the warnings above)")
+            path, state = loaded
+        else:
+            try:
+                path, state = candidate, self.checkpoints.load(candidate)
+            except CheckpointError as err:
+                raise UserError(f"train.resume_from={self.tc.resume_from}: {err}") from None
+        self.state = TrainerState(**{**geometry, **state})
+        self._check_geometry(path, geometry)
+        # finished at this step but stopped before final/ was written: its evaluation row is already logged
+        self.finished_before = self.state.status == "done" and self.state.step >= self.tc.max_steps
+        self.state.status = "running"
+        self._print(f"resumed from {path} at step {self.state.step}")
+        return True
 
     def _loop(self, stop: StopRequested) -> None:
         acc, tc, model = self.accelerator, self.tc, self.model
@@ -307,6 +461,7 @@ class Trainer:
                 window[0] += loss.detach().double() * n_terms
             window[1] += sum(terms)
             window[2] += tokens
+            self._pending_tokens += tokens
             if tc.max_grad_norm > 0:
                 acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
             self.optimizer.step()
@@ -322,7 +477,7 @@ class Trainer:
                 loss_sum, terms_sum, tokens_sum = acc.reduce(window, "sum").tolist()
                 mean_loss = loss_sum / max(terms_sum, 1)  # per term over the window, all processes
                 self._check_finite(mean_loss)
-                self.state.tokens_seen += int(tokens_sum)
+                self._flush_tokens()
                 tokens_per_s = tokens_sum / max(elapsed, 1e-9)
                 row = {
                     "train/loss": mean_loss,
@@ -414,17 +569,27 @@ class Trainer:
                 (self.run_dir / "best" / "best.json").write_text(json.dumps({"step": step, name: value}))
             self.accelerator.wait_for_everyone()
 
+    def _flush_tokens(self) -> None:
+        """Add every process's pending token count to the state (so a checkpoint holds the exact count)."""
+        acc = self.accelerator
+        self.state.tokens_seen += int(acc.reduce(torch.tensor(self._pending_tokens, device=acc.device), "sum").item())
+        self._pending_tokens = 0
+
     def _save(self) -> Path:
-        return self.checkpoints.save(self.state.step, asdict(self.state))
+        self._flush_tokens()
+        return self.checkpoints.save(self.state.step, asdict(self.state), self.cfg.to_yaml())
 
     # ---------------------------------------------------------------------------------------------
     # The end
     # ---------------------------------------------------------------------------------------------
 
-    def _finish(self) -> dict:
+    def _finish(self, log_eval: bool = True) -> dict:
+        """The last evaluation, a `done` checkpoint, then final/ and eval_results.json. Resumed from a `done`
+        checkpoint (stopped before final/ was written), the evaluation row is already in metrics.jsonl."""
         acc, tc = self.accelerator, self.tc
         step = self.state.step
-        self._evaluate(step, tc.max_eval_batches)
+        if log_eval:
+            self._evaluate(step, tc.max_eval_batches)
         self.state.status = "done"
         self._save()
         model = acc.unwrap_model(self.model)

@@ -16,7 +16,7 @@ from roformer.errors import DataError
 from roformer.glue_sweep import PAPER_TABLE2, format_report, sweep
 from roformer.modeling import RoFormerForMaskedLM, RoFormerForSequenceClassification
 from roformer.tasks.glue import GLUE_TASKS, GLUETask, load_hub, load_local, read_tsv
-from roformer.tokenization import train_wordpiece
+from roformer.tokenization import load_tokenizer, train_wordpiece
 from roformer.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,9 +272,12 @@ def test_recipes_follow_the_paper_protocol():
 
 
 def wnli_config(tmp_path: Path, *overrides: str):
+    from_checkpoint = any(o.startswith("init_from=") and o != "init_from=null" for o in overrides)
+    # with init_from the checkpoint decides the sizes: a size on the command line that differs is refused
+    model = [o for o in TINY_MODEL if not (from_checkpoint and o.startswith("model."))]
     return load_config(
         TINY_RTE,
-        [*TINY_MODEL, "data.task_name=wnli", f"data.data_dir={SHARED_GLUE}", f"output_dir={tmp_path / 'run'}",
+        [*model, "data.task_name=wnli", f"data.data_dir={SHARED_GLUE}", f"output_dir={tmp_path / 'run'}",
          "train.num_epochs=null", "train.max_steps=2", "train.eval_every=1000", "data.max_train_samples=64",
          *overrides],
     )  # fmt: skip
@@ -507,3 +510,19 @@ def test_glue_table_lists_each_runs_headline_metrics(tmp_path, capsys):
     assert lines[2:] == ["| rotary | 5.0 | 81.2 |", "| scratch | - | 80.0 |"]
     assert main(["glue-table", str(tmp_path / "missing")]) == 2
     assert "missing: no such directory" in capsys.readouterr().err
+
+
+@needs_shared_data
+def test_a_run_from_scratch_resumes_with_its_own_vocabulary(tmp_path, monkeypatch):
+    """Issue 15: the resume branch of the tokenizer never set the model's vocabulary size (size mismatch)."""
+    from roformer.trainer import Trainer
+
+    with monkeypatch.context() as patch:  # stopped after step 2, as SIGTERM would stop it
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 2)
+        assert train(wnli_config(tmp_path, "train.max_steps=4"))["status"] == "interrupted"
+    results = train(wnli_config(tmp_path, "train.max_steps=4", "train.resume_from=latest"))
+    assert "eval/accuracy" in results
+    run = tmp_path / "run"
+    vocabulary = len(load_tokenizer(run / "tokenizer"))
+    assert load_config(run / "config.yaml").model.vocab_size == vocabulary
+    assert RoFormerForSequenceClassification.from_pretrained(run / "final").config.vocab_size == vocabulary

@@ -257,4 +257,4 @@ def test_bad_input_exits_2_with_one_line_and_no_run(tmp_path, capsys, make_input
 def test_existing_run_is_not_overwritten_without_resume(straight_run, capsys):
     code = main(["pretrain", "--config", str(RECIPE), *TINY, f"output_dir={straight_run}"])
     assert code == 2
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert "already holds a run (checkpoints" in capsys.readouterr().err

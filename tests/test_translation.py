@@ -29,7 +29,6 @@ from roformer.tasks.translation import (
     TranslationTask,
     hub_split,
     keep_pairs,
-    prepare_parallel,
     token_batches,
     train_joint_bpe,
     training_pairs,
@@ -175,19 +174,13 @@ def test_collator_shifts_targets_behind_bos():
     assert batch["example_index"].tolist() == [0, 1]
 
 
-def test_a_resumed_run_reuses_its_tokenizer_which_must_be_the_prepared_datas(tmp_path):
-    saved = train_joint_bpe(["ein großer Baum", "a big tree"] * 20, vocab_size=60)
-    saved.save_pretrained(tmp_path / "run" / "tokenizer")
-    (tmp_path / "t.en").write_text("a small dog\n" * 5)
-    (tmp_path / "t.de").write_text("ein kleiner Hund\n" * 5)
-    with_saved = TranslationDataConfig(train_prefix=str(tmp_path / "t"), tokenizer=str(tmp_path / "run" / "tokenizer"))
-    same = prepare_parallel(with_saved, tmp_path / "same", num_proc=1)
-    other = prepare_parallel(TranslationDataConfig(train_prefix=str(tmp_path / "t"), bpe_vocab_size=40), tmp_path / "o")
-    task = TranslationTask(load_config(RECIPE, ["train.resume_from=latest", "data.bpe_vocab_size=500"]))
-    reused = task._tokenizer(accelerator=None, run_dir=tmp_path / "run", dataset=same)
+def test_a_resumed_run_reuses_its_tokenizer(tmp_path):
+    saved = train_joint_bpe(["ein kleiner Hund", "a small dog"] * 20, vocab_size=60)
+    saved.save_pretrained(tmp_path / "tokenizer")
+    cfg = load_config(RECIPE, ["train.resume_from=latest", "data.bpe_vocab_size=500"])
+    task = TranslationTask(cfg)
+    reused = task.resolve_tokenizer(accelerator=None, run_dir=tmp_path, train=lambda: pytest.fail("trained anew"))
     assert reused.get_vocab() == saved.get_vocab()
-    with pytest.raises(DataError, match="its token ids come from another tokenizer than the resumed run's"):
-        task._tokenizer(accelerator=None, run_dir=tmp_path / "run", dataset=other)
 
 
 def test_hub_failures_are_one_line_data_errors(monkeypatch):
@@ -446,6 +439,7 @@ def test_two_process_evaluation_equals_one_process_on_the_same_weights(tmp_path)
 
     cfg = load_config(RECIPE, [*overrides, f"output_dir={tmp_path / 'one'}", f"data.tokenizer={run / 'final'}"])
     task, accelerator = TranslationTask(cfg), Accelerator(cpu=True)
+    (tmp_path / "one").mkdir()  # the trainer makes the run directory; setup itself writes nothing there
     task.setup(accelerator, tmp_path / "one")
     model = load_pretrained(run / "final").eval()
     one = task.final_evaluation(model, task.eval_dataloader(), accelerator, tmp_path / "one")

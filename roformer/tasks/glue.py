@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
 
-from roformer.config import GLUEDataConfig, ModelConfig, RunConfig
+from roformer.config import GLUEDataConfig, RunConfig
 from roformer.errors import ConfigError, DataError
 from roformer.metrics import compute_metrics
 from roformer.modeling import RoFormerForSequenceClassification, RoFormerModel, load_pretrained
 from roformer.tasks.base import Task
-from roformer.tokenization import load_tokenizer, train_wordpiece
+from roformer.tokenization import train_wordpiece
 
 logger = logging.getLogger(__name__)
 
@@ -306,22 +306,6 @@ def load_hub(data: GLUEDataConfig, spec: GLUESpec) -> GLUEData:
 # Initial weights
 # --------------------------------------------------------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-FINE_TUNING_FIELDS = ("hidden_dropout", "attention_dropout", "attention_impl")
-"""Model settings the fine-tuning config decides; every other model field comes from the checkpoint."""
-
-
-def resolve_checkpoint(init_from: str) -> Path:
-    """init_from names a model directory (config.json), or a run directory whose final/ is one."""
-    path = Path(init_from)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "final" / "config.json").is_file():
-        return path / "final"
-    raise DataError(
-        f"init_from={init_from}: no config.json there (expected a run's final/ or a transformers checkpoint)"
-    )
-
 
 def load_encoder(path: Path) -> tuple[RoFormerModel, dict[str, torch.Tensor] | None]:
     """The encoder of the checkpoint at `path`, and BERT's pooler weights if it has trained ones.
@@ -355,11 +339,6 @@ def load_encoder(path: Path) -> tuple[RoFormerModel, dict[str, torch.Tensor] | N
     return encoder, pooler
 
 
-def fine_tuning_config(checkpoint: ModelConfig, requested: ModelConfig) -> ModelConfig:
-    """The checkpoint's architecture with the run's dropout and attention kernel."""
-    return dataclasses.replace(checkpoint, **{name: getattr(requested, name) for name in FINE_TUNING_FIELDS})
-
-
 # --------------------------------------------------------------------------------------------------
 # Submission files
 # --------------------------------------------------------------------------------------------------
@@ -381,14 +360,13 @@ class GLUETask(Task):
         super().__init__(cfg)
         self.data: GLUEDataConfig = cfg.data
         self.spec = GLUE_TASKS[self.data.task_name]
-        self.encoder: RoFormerModel | None = None
         self.pooler: dict[str, torch.Tensor] | None = None
 
     # ---- set-up --------------------------------------------------------------------------------
 
     def setup(self, accelerator, run_dir: Path) -> None:
-        data, cfg = self.data, self.cfg
-        checkpoint = resolve_checkpoint(cfg.init_from) if cfg.init_from else None  # a typo fails before any download
+        data = self.data
+        self.load_init_from()  # a typo fails before any download; the checkpoint's architecture goes to cfg.model
         examples = load_local(data, self.spec) if data.data_dir else load_hub(data, self.spec)
         train = examples.train[: data.max_train_samples]
         dev = [(name, ex[: data.max_eval_samples]) for name, ex in examples.dev]
@@ -398,38 +376,22 @@ class GLUETask(Task):
         if not all(ex for _, ex in dev):
             raise DataError(f"GLUE {self.spec.name}: a dev set has no examples")
 
-        if checkpoint is not None:
-            self.encoder, self.pooler = load_encoder(checkpoint)
-            cfg.model = fine_tuning_config(self.encoder.config, cfg.model)  # config.yaml shows what is trained
-        self.tokenizer = self._tokenizer(accelerator, run_dir, checkpoint, train)
+        def wordpiece():  # from scratch: a WordPiece vocabulary of the task's own training text
+            texts = [ex["text_a"] for ex in train] + [ex["text_b"] for ex in train if "text_b" in ex]
+            return train_wordpiece(texts, data.tokenizer_vocab_size, data.max_seq_length)
+
+        self.resolve_tokenizer(accelerator, run_dir, wordpiece)
         self._check_model_fits()
 
         with accelerator.main_process_first():
             self.train_set = self._encode(train)
             self.dev_sets = [(name, self._encode(ex)) for name, ex in dev]
             self.test_sets = [(name, self._encode(ex)) for name, ex in examples.test]
-        if accelerator.is_main_process:  # last: bad input above leaves no run directory behind
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
 
-    def _tokenizer(self, accelerator, run_dir: Path, checkpoint: Path | None, train: list[dict]):
-        data, saved = self.data, run_dir / "tokenizer"
-        if data.tokenizer:
-            if not Path(data.tokenizer).is_dir():
-                raise DataError(f"data.tokenizer={data.tokenizer}: not a tokenizer directory")
-            tokenizer = load_tokenizer(data.tokenizer)
-        elif checkpoint is not None:
-            if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
-                raise DataError(f"init_from={checkpoint}: no tokenizer files there; name one with data.tokenizer")
-            tokenizer = load_tokenizer(checkpoint)
-        elif self.cfg.train.resume_from and saved.is_dir():
-            tokenizer = load_tokenizer(saved)  # a resumed run keeps the vocabulary it trained
-        else:  # from scratch: a WordPiece vocabulary of the task's own training text
-            texts = [ex["text_a"] for ex in train] + [ex["text_b"] for ex in train if "text_b" in ex]
-            with accelerator.main_process_first():
-                tokenizer = train_wordpiece(texts, data.tokenizer_vocab_size, data.max_seq_length)
-            self.cfg.model.vocab_size = len(tokenizer)
-            self.cfg.model.pad_token_id = tokenizer.pad_token_id
-        return tokenizer
+    def read_init_model(self, path: Path) -> RoFormerModel:
+        """The checkpoint's encoder (ours or a transformers BERT/RoFormer); BERT's trained pooler is kept aside."""
+        encoder, self.pooler = load_encoder(path)
+        return encoder
 
     def _check_model_fits(self) -> None:
         model, data = self.cfg.model, self.data
@@ -465,11 +427,10 @@ class GLUETask(Task):
 
     def build_model(self) -> RoFormerForSequenceClassification:
         model = RoFormerForSequenceClassification(self.cfg.model, num_labels=self.spec.num_labels)
-        if self.encoder is not None:  # pretrained encoder, fresh classification head
-            model.roformer.load_state_dict(self.encoder.state_dict())
-            if self.pooler is not None:
-                model.classifier.dense.load_state_dict(self.pooler)
-            self.encoder = self.pooler = None
+        self.initial_weights(model.roformer)  # pretrained encoder, fresh classification head
+        if self.pooler is not None:
+            model.classifier.dense.load_state_dict(self.pooler)
+            self.pooler = None
         return model
 
     def _loader(self, dataset, shuffle: bool = False) -> DataLoader:
@@ -540,6 +501,3 @@ class GLUETask(Task):
                 write_submission(run_dir / f"{stem}.tsv", out["idx"].tolist(), self._prediction_labels(out["logits"]))
                 accelerator.print(f"test predictions: {run_dir / f'{stem}.tsv'} ({len(out['idx'])} rows)")
         return results
-
-    def save_artifacts(self, path: Path) -> None:
-        self.tokenizer.save_pretrained(path)

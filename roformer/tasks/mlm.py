@@ -26,7 +26,7 @@ from roformer.config import MLMDataConfig, RunConfig
 from roformer.corpus import Source, documents, keep_fraction
 from roformer.errors import DataError
 from roformer.flops import mlm_training_flops_per_token
-from roformer.modeling import RoFormerForMaskedLM, load_pretrained
+from roformer.modeling import RoFormerForMaskedLM
 from roformer.prepare import (
     CHUNK_CHARS,
     DEFAULT_SHARD_TOKENS,
@@ -321,18 +321,25 @@ class MaskingCollator:
 
 
 class MLMTask(Task):
+    init_from_class = RoFormerForMaskedLM
+
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         self.data: MLMDataConfig = cfg.data
 
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
-        if cfg.init_from and not data.tokenizer and (Path(cfg.init_from) / "tokenizer.json").is_file():
-            data.tokenizer = str(cfg.init_from)  # continued pretraining reads the text with the checkpoint's vocabulary
+        self.load_init_from()
+        if self.init_path is not None and not data.tokenizer and self.has_tokenizer(self.init_path):
+            data.tokenizer = str(self.init_path)  # continued pretraining reads the text with its own vocabulary
         self.dataset = prepared_corpus(cfg, accelerator)
-        self.tokenizer = load_tokenizer(self.dataset.tokenizer_dir)  # the vocabulary the ids were made with
-        cfg.model.vocab_size = len(self.tokenizer)
-        cfg.model.pad_token_id = self.tokenizer.pad_token_id
+        made_with = self.dataset.manifest["tokenizer_fingerprint"]
+        tokenizer = self.resolve_tokenizer(accelerator, run_dir, lambda: load_tokenizer(self.dataset.tokenizer_dir))
+        if tokenizer_fingerprint(tokenizer) != made_with:  # e.g. a resumed run's own against another dataset
+            raise DataError(
+                f"data.prepared={self.dataset.path}: its token ids come from another tokenizer than the run's "
+                f"(fingerprints {made_with} and {tokenizer_fingerprint(tokenizer)})"
+            )
         tok = self.tokenizer
         self.train_blocks = PackedBlocks(
             self.dataset.stream("train", "tokens"), data.max_seq_length, tok.cls_token_id, tok.sep_token_id
@@ -344,16 +351,9 @@ class MLMTask(Task):
             tok.sep_token_id,
             limit=data.max_validation_blocks,
         )
-        if accelerator.is_main_process:  # the data checked out: now the run directory may be written
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
 
     def build_model(self) -> RoFormerForMaskedLM:
-        if self.cfg.init_from:
-            model = load_pretrained(self.cfg.init_from)
-            if not isinstance(model, RoFormerForMaskedLM):
-                raise DataError(f"init_from={self.cfg.init_from}: holds a {type(model).__name__}, not a masked LM")
-            return model
-        return RoFormerForMaskedLM(self.cfg.model)
+        return self.initial_weights(RoFormerForMaskedLM(self.cfg.model))
 
     def train_dataset(self) -> PackedBlocks:
         return self.train_blocks
@@ -407,6 +407,3 @@ class MLMTask(Task):
         totals = totals.cpu()
         loss = (totals[0] / totals[2]).item()
         return {"loss": loss, "mlm_accuracy": (totals[1] / totals[2]).item(), "perplexity": math.exp(min(loss, 50.0))}
-
-    def save_artifacts(self, path: Path) -> None:
-        self.tokenizer.save_pretrained(path)

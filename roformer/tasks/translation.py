@@ -44,7 +44,7 @@ from roformer.corpus import keep_fraction
 from roformer.data_files import read_line_aligned
 from roformer.errors import ConfigError, DataError
 from roformer.generation import generate
-from roformer.modeling import RoFormerForSeq2SeqLM, load_pretrained
+from roformer.modeling import RoFormerForSeq2SeqLM
 from roformer.prepare import (
     CHUNK_CHARS,
     DEFAULT_SHARD_TOKENS,
@@ -535,6 +535,8 @@ class WholeBatch:
 
 
 class TranslationTask(Task):
+    init_from_class = RoFormerForSeq2SeqLM
+    tokenizer_files = ("tokenizer.json",)
     MODEL_KEYS = ("input_ids", "attention_mask", "decoder_input_ids", "labels")
     batch_unit = "tokens"  # train.global_batch_size counts tokens, as fairseq's --max-tokens x --update-freq
 
@@ -549,6 +551,7 @@ class TranslationTask(Task):
     def setup(self, accelerator, run_dir: Path) -> None:
         data, cfg = self.data, self.cfg
         self.accelerator = accelerator
+        self.load_init_from()
         if cfg.model.num_decoder_layers < 1 and not cfg.init_from:
             raise ConfigError("model.num_decoder_layers must be at least 1 for translation (Transformer-base: 6)")
         valid = load_split(data, "valid")  # before the training data: a missing dev set is found at once
@@ -558,31 +561,23 @@ class TranslationTask(Task):
         test = load_split(data, "test")
         self.test_text = first(test, data.max_eval_samples) if test is not None else None
 
+        if self.init_path is not None and not data.tokenizer and self.has_tokenizer(self.init_path):
+            data.tokenizer = str(self.init_path)  # fine-tuning reads the pairs with the checkpoint's own vocabulary
         self.dataset = prepared_parallel(cfg, accelerator)
-        self.tokenizer = self._tokenizer(accelerator, run_dir, self.dataset)
-        cfg.model.vocab_size = len(self.tokenizer)
-        cfg.model.pad_token_id = self.tokenizer.pad_token_id
-
+        made_with = self.dataset.manifest["tokenizer_fingerprint"]
+        tokenizer = self.resolve_tokenizer(
+            accelerator, run_dir, lambda: load_tokenizer(self.dataset.tokenizer_dir, "data.prepared")
+        )
+        if tokenizer_fingerprint(tokenizer) != made_with:  # e.g. a resumed run's own against another dataset
+            raise DataError(
+                f"data.prepared={self.dataset.path}: its token ids come from another tokenizer than the run's "
+                f"(fingerprints {made_with} and {tokenizer_fingerprint(tokenizer)})"
+            )
         self._training_data()
         self.valid_split = self._eval_split(valid)
-        if accelerator.is_main_process:
-            self.tokenizer.save_pretrained(run_dir / "tokenizer")
 
-    def _tokenizer(self, accelerator, run_dir: Path, dataset: PreparedDataset) -> PreTrainedTokenizerFast:
-        data, cfg = self.data, self.cfg
-        if data.tokenizer:
-            tokenizer, origin = load_tokenizer(data.tokenizer, "data.tokenizer"), f"data.tokenizer={data.tokenizer}"
-        elif cfg.train.resume_from and (run_dir / "tokenizer" / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(run_dir / "tokenizer", "tokenizer")  # a resumed run keeps its vocabulary
-            origin = f"the resumed run's {run_dir / 'tokenizer'}"
-        else:
-            return load_tokenizer(dataset.tokenizer_dir, "data.prepared")  # the vocabulary the ids were made with
-        if tokenizer_fingerprint(tokenizer) != dataset.manifest["tokenizer_fingerprint"]:
-            raise DataError(
-                f"data.prepared={dataset.path}: its token ids come from another tokenizer than {origin} (fingerprints "
-                f"{dataset.manifest['tokenizer_fingerprint']} and {tokenizer_fingerprint(tokenizer)})"
-            )
-        return tokenizer
+    def read_tokenizer(self, path: str | Path, key: str) -> PreTrainedTokenizerFast:
+        return load_tokenizer(path, key)
 
     def _training_data(self) -> None:
         """The prepared pairs that pass the length filters, sorted by length; read from the lengths alone."""
@@ -658,12 +653,7 @@ class TranslationTask(Task):
     # ---------------------------------------------------------------------------------------------
 
     def build_model(self) -> RoFormerForSeq2SeqLM:
-        if self.cfg.init_from:
-            model = load_pretrained(self.cfg.init_from)
-            if not isinstance(model, RoFormerForSeq2SeqLM):
-                raise DataError(f"init_from={self.cfg.init_from}: holds a {type(model).__name__}, not a seq2seq model")
-            return model
-        return RoFormerForSeq2SeqLM(self.cfg.model)
+        return self.initial_weights(RoFormerForSeq2SeqLM(self.cfg.model))
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label-smoothed cross-entropy (train.label_smoothing; the paper: 0.1), mean over target tokens."""
@@ -745,9 +735,6 @@ class TranslationTask(Task):
             )
         losses = np.array([smoothed.item(), nll.item(), int(labels.ne(-100).sum())])
         return losses, batch["example_index"].tolist(), hyps.tokens
-
-    def save_artifacts(self, path: Path) -> None:
-        self.tokenizer.save_pretrained(path)
 
     def _print(self, message: str) -> None:
         if self.accelerator.is_main_process:
