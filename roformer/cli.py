@@ -7,6 +7,7 @@ on stderr that names the file or key, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def _training_command(task: str):
         except Interrupted as err:  # outside the training loop: nothing new to save
             print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
             return 130
-        if results.get("status") != "interrupted":
+        if results.get("status") != "interrupted" and int(os.environ.get("RANK", "0")) == 0:  # once, not per process
             print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
         return 0
 

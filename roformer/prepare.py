@@ -27,6 +27,7 @@ from roformer.errors import DataError
 from roformer.prepared import FORMAT_VERSION, PreparedDataset, StreamWriter, token_dtype, write_json_atomically
 from roformer.tokenization import tokenizer_fingerprint
 
+PIECE_CHARS = 100_000  # longer texts are tokenized in pieces (see `pieces`)
 CHUNK_CHARS = 2_000_000  # text per worker task: large enough to amortise the hand-off, small enough to stream
 PROGRESS_EVERY = 16  # chunks between recorded progress (each record fsyncs the open shards)
 DEFAULT_SHARD_TOKENS = 2**28  # 512 MB of uint16 per shard file
@@ -55,15 +56,44 @@ def _init_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
+def pieces(text: str, limit: int | None = None) -> list[str]:
+    """`text` cut before spaces into pieces of at most `limit` characters (a hard cut only inside a longer word).
+    Tokenizers split words at spaces, so the pieces' ids, concatenated, are the text's ids; but the memory a
+    tokenizer takes for one text grows with it (a 50 MB line took 8 GB)."""
+    limit = limit or PIECE_CHARS
+    if len(text) <= limit:
+        return [text]
+    out, start = [], 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + 1, start + limit)
+        cut = cut if cut > start else start + limit
+        out.append(text[start:cut])
+        start = cut
+    out.append(text[start:])
+    return out
+
+
 def encode_texts(tokenizer, texts: list[str], end_id: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Texts -> (the ids of every text followed by `end_id`, flat; each text's length, end included)."""
-    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    """Texts -> (the ids of every text followed by `end_id`, flat; each text's length, end included). Long texts
+    are encoded in pieces, at most ~CHUNK_CHARS of text at a time."""
+    split = [pieces(text) for text in texts]
+    flat = [piece for parts in split for piece in parts]
+    piece_ids, piece_lengths, group, size = [], [], [], 0
+    for index, piece in enumerate(flat):
+        group.append(piece)
+        size += len(piece)
+        if size >= CHUNK_CHARS or index == len(flat) - 1:
+            encodings = tokenizer.encode_batch_fast(group, add_special_tokens=False)
+            piece_lengths.append(np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(group)))
+            piece_ids.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype))
+            group, size = [], 0
+    starts = np.cumsum([0] + [len(parts) for parts in split[:-1]])
+    lengths = np.add.reduceat(np.concatenate(piece_lengths), starts) + 1 if texts else np.zeros(0, np.int64)
     ids = np.empty(int(lengths.sum()), dtype=dtype)
     is_end = np.zeros(len(ids), dtype=bool)
     is_end[np.cumsum(lengths) - 1] = True
     ids[is_end] = end_id
-    ids[~is_end] = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=dtype)
+    ids[~is_end] = np.concatenate(piece_ids) if piece_ids else np.zeros(0, dtype)
     return ids, lengths
 
 

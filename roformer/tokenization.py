@@ -42,7 +42,9 @@ def train_wordpiece(documents: Iterable[str], vocab_size: int, model_max_length:
         min_frequency=2,
         show_progress=False,
     )
-    tok.train_from_iterator(documents, trainer=trainer)
+    from roformer.prepare import pieces
+
+    tok.train_from_iterator((piece for doc in documents for piece in pieces(doc)), trainer=trainer)
     # Rebuilt from the learned vocabulary, so only the five real special tokens are special.
     vocab = tok.get_vocab()
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix=CONTINUATION))

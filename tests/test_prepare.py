@@ -158,3 +158,20 @@ def test_continued_pretraining_reads_the_text_with_the_checkpoints_vocabulary(tm
     assert code == 0
     assert filecmp.cmp(second / "tokenizer" / "tokenizer.json", first / "final" / "tokenizer.json", shallow=False)
     assert load_config(second / "config.yaml").data.tokenizer == str(first / "final")
+
+
+def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(monkeypatch):
+    """A 50 MB single line took 8 GB in one tokenizer call (0.65 GB in pieces, measured in docs/results.md)."""
+    import numpy as np
+
+    import roformer.prepare as prepare
+    from roformer.tokenization import train_wordpiece
+
+    text = " ".join((DATA / "text" / "wikitext2.valid.txt").read_text().split()[:20_000])
+    tokenizer = train_wordpiece([text], 800, 64).backend_tokenizer
+    monkeypatch.setattr(prepare, "PIECE_CHARS", 5_000)
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 20_000)
+    assert len(prepare.pieces(text, 5_000)) > 20 and "".join(prepare.pieces(text, 5_000)) == text
+    ids, lengths = prepare.encode_texts(tokenizer, [text, "a short one"], 3, np.dtype("<u2"))
+    assert ids[: lengths[0] - 1].tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+    assert ids[lengths[0] - 1] == 3 and len(ids) == lengths.sum()
