@@ -51,7 +51,13 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
+    import signal
+
     from tokenizers import Tokenizer
+
+    # A forked worker inherits the trainer's stop handlers: the parent decides about stopping, workers just end.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 

@@ -102,8 +102,9 @@ def launch_two(script: Path, args: list[str], port: int, timeout: int = 300) -> 
 
 def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path):
     words = ["the", "of", "and", "a", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at"]
-    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) for i in range(5)]
-    corpus = tmp_path / "five.txt"
+    # 15 documents of ~30 tokens: 6 blocks of 64 to train on (one document in five held out), fewer than a batch of 8
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(30)) for i in range(15)]
+    corpus = tmp_path / "fifteen.txt"
     corpus.write_text("\n\n".join(docs) + "\n")
     args = [*TINY, f"data.train_files={corpus}", "data.tokenizer_vocab_size=200", f"output_dir={tmp_path / 'run'}"]
     proc = subprocess.Popen(
@@ -123,7 +124,7 @@ def test_too_little_data_for_one_batch_is_an_error_not_a_hang(tmp_path):
         proc.communicate()
         pytest.fail(f"the run hung instead of refusing (stopped by SIGTERM: {stopped})")
     assert proc.returncode == 2, err
-    assert "the training data gives no batch: 2 training examples for train.per_device_batch_size=8" in err
+    assert "the training data gives no batch: fewer than 1 micro-batch(es) of 8 sequences per epoch" in err
     assert not (tmp_path / "run").exists()  # nothing left behind
 
 
