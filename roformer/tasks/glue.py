@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -33,6 +34,8 @@ from roformer.metrics import compute_metrics
 from roformer.modeling import RoFormerForSequenceClassification, RoFormerModel, load_pretrained
 from roformer.tasks.base import Task
 from roformer.tokenization import train_wordpiece
+
+BUCKET_WINDOW = 50  # batches sorted together by length: less padding, order still random across windows
 
 logger = logging.getLogger(__name__)
 
@@ -447,6 +450,20 @@ class GLUETask(Task):
 
     def train_collator(self) -> DataCollatorWithPadding:
         return DataCollatorWithPadding(self.tokenizer)  # pads each batch to its longest row
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> list[np.ndarray]:
+        """Batches of similar lengths, so little of each is padding: the examples in a seeded random order, sorted
+        by length within windows of BUCKET_WINDOW batches, cut into batches, and the batches shuffled."""
+        if getattr(self, "_train_lengths", None) is None:
+            self._train_lengths = np.fromiter(map(len, self.train_set["input_ids"]), dtype=np.int64)
+        rng = np.random.default_rng([self.cfg.train.seed, epoch])
+        order = rng.permutation(len(self._train_lengths))
+        window = batch_size * BUCKET_WINDOW
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            order[start : start + window] = chunk[np.argsort(self._train_lengths[chunk], kind="stable")]
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     def eval_dataloader(self) -> DataLoader:
         """The first dev set (MNLI: matched); final_evaluation adds the others."""
