@@ -16,6 +16,18 @@ from roformer.errors import UserError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
+class _PositionSchemes:
+    """argparse choices: the registered position schemes, read (with torch) only when a choice is checked."""
+
+    def __iter__(self):
+        from roformer.positions import POSITION_SCHEMES
+
+        return iter(POSITION_SCHEMES)
+
+    def __contains__(self, name) -> bool:
+        return name in list(self)
+
+
 def _training_command(task: str):
     def run(args) -> int:
         from roformer.config import load_config
@@ -208,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain one model per position scheme (and seed) and compare them")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--config", default=None, help="MLM recipe (default: configs/pretrain/demo.yaml, built-in corpus)")
-    p.add_argument("--schemes", nargs="+", default=["rotary", "sinusoidal", "learned"])
+    p.add_argument("--schemes", nargs="+", default=["rotary", "sinusoidal", "learned"], choices=_PositionSchemes())
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per scheme and seed")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=demo_command)

@@ -17,8 +17,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from roformer.errors import ConfigError
+from roformer.positions import POSITION_SCHEMES, scheme_class
 
-PositionName = Literal["rotary", "sinusoidal", "learned", "none"]
+PositionName = Literal[tuple(POSITION_SCHEMES)]  # the registered schemes, in registry order
 GLUETaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 
 
@@ -40,13 +41,18 @@ class ModelConfig:
     """Width of the embeddings when it differs from hidden_size (projected up, as in HF RoFormer)."""
     type_vocab_size: int = 2
     position: PositionName = "rotary"
-    """The position scheme: rotary (RoPE, the paper), sinusoidal (Vaswani), learned (BERT) or none."""
+    """The position scheme (roformer/positions.py): rotary (RoPE, the paper), sinusoidal (Vaswani), learned
+    (BERT), alibi (Press et al.), t5_relative (T5's bucketed bias) or none."""
     rotary_pairing: Literal["interleaved", "half"] = "interleaved"
     """interleaved: pairs (x[2i], x[2i+1]) as in the paper and HF RoFormer; half: Llama/GPT-NeoX."""
     rope_base: float = 10000.0
     rope_scaling: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn"] = "none"
     """Context extension beyond max_position_embeddings (rotary only)."""
     rope_scaling_factor: float = 1.0
+    relative_attention_num_buckets: int = 32
+    """t5_relative: buckets of key - query offsets per direction pair (T5: 32)."""
+    relative_attention_max_distance: int = 128
+    """t5_relative: offsets from here on share the last bucket (T5: 128)."""
     rotary_value: bool = False
     """Rotate the values too, as transformers' RoFormer optionally does."""
     attention: Literal["softmax", "linear"] = "softmax"
@@ -68,25 +74,25 @@ class ModelConfig:
     embedding_layer_norm: bool = True
     """LayerNorm after the embeddings (BERT, RoFormer); the original Transformer has none."""
     scale_embeddings: bool | None = None
-    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do. Unset means on for sinusoidal
-    only: its fixed table has unit amplitude, and unscaled std-0.02 word embeddings drown under it after the
-    embedding LayerNorm (the run stalls on the unigram plateau, docs/results.md section 1)."""
+    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do. Unset means the scheme's default
+    (on for sinusoidal only: its fixed table has unit amplitude, and unscaled std-0.02 word embeddings drown
+    under it after the embedding LayerNorm; the run stalls on the unigram plateau, docs/results.md section 1)."""
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        scheme = scheme_class(self.position)
         if self.scale_embeddings is None:
-            self.scale_embeddings = self.position == "sinusoidal"
+            self.scale_embeddings = scheme.scales_embeddings
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"
             )
-        if self.position == "rotary" and (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError("model.position=rotary needs an even head size (hidden_size / num_heads)")
         if self.rope_scaling_factor < 1.0:
             raise ConfigError(f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        scheme.validate(self)
 
     @property
     def embedding_dim(self) -> int:
@@ -432,16 +438,16 @@ def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
 
 
 def _check_lengths_fit(cfg: RunConfig, origin: str) -> None:
-    """A learned table has max_position_embeddings rows: the data's sequences must fit in it."""
-    if cfg.model.position != "learned":
+    """A scheme with a maximum length (a learned table's rows) must fit the data's sequences."""
+    rows = scheme_class(cfg.model.position).max_length(cfg.model)
+    if rows is None:
         return
-    rows = cfg.model.max_position_embeddings
     for name in ("max_seq_length", "max_source_length", "max_target_length"):
         length = getattr(cfg.data, name, None)
         if length is not None and length > rows:
             raise ConfigError(
-                f"{origin}: data.{name}={length} is longer than the learned position table "
-                f"(model.max_position_embeddings={rows}); use at most {rows} or a rotary/sinusoidal scheme"
+                f"{origin}: data.{name}={length} is longer than model.position={cfg.model.position!r} allows "
+                f"(model.max_position_embeddings={rows}); use at most {rows} or a scheme without a table"
             )
 
 

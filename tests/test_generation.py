@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from roformer import ModelConfig, RoFormerForSeq2SeqLM
+from roformer import POSITION_SCHEMES, ModelConfig, RoFormerForSeq2SeqLM
 from roformer.generation import NEG_INF, beam_search, generate, greedy_search, topk_by_blocks
 from roformer.modeling import ModelOutput
 
@@ -105,7 +105,7 @@ def test_beam_one_equals_greedy(position):
     assert_close(beam.scores, greedy.scores)
 
 
-@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "learned", "none"])
+@pytest.mark.parametrize("position", list(POSITION_SCHEMES))
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_cached_decoding_matches_recomputing_the_prefix(position, beam_size):
     """The KV cache (decoder keys/values appended, source keys/values computed once, both reordered as beams
