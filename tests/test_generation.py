@@ -162,7 +162,7 @@ def test_a_beam_holding_every_prefix_finds_the_most_probable_translation():
         best = int(totals.argmax())
         assert found.tokens[row] == [int(first[best]), int(second[best])]
         assert_close(found.scores[row], totals[best], atol=1e-4, rtol=1e-4)
-    assert bool((found.scores >= greedy.scores - 1e-5).all())
+    assert bool((found.scores >= greedy.scores - 1e-4).all())  # float32 sums of ~30 in another order: 1e-4
 
 
 def test_length_limits():
