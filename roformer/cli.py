@@ -90,7 +90,9 @@ def evaluate_bleu_command(args) -> int:
     import json
 
     from roformer.bleu import evaluate_bleu, format_scores
+    from roformer.config import GenerationConfig
 
+    given = dict(beam_size=args.beam, length_penalty=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     scores = evaluate_bleu(
         args.src,
         args.ref,
@@ -98,10 +100,7 @@ def evaluate_bleu_command(args) -> int:
         hyp=args.hyp,
         out=args.out,
         device=args.device,
-        beam_size=args.beam,
-        length_penalty=args.lenpen,
-        max_len_a=args.max_len_a,
-        max_len_b=args.max_len_b,
+        generation=GenerationConfig(**{name: value for name, value in given.items() if value is not None}),
         batch_size=args.batch_size,
     )
     if args.out:
@@ -203,10 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyp", help="score these translations instead of translating with --checkpoint")
     p.add_argument("--out", help="write the translations here, one per line")
     p.add_argument("--json", help="write the scores and sacreBLEU signatures here as JSON")
-    p.add_argument("--beam", type=int, default=4, help="beam size (the paper: 4; 1 is greedy)")
-    p.add_argument("--lenpen", type=float, default=0.6, help="length penalty, fairseq's convention (the paper: 0.6)")
-    p.add_argument("--max_len_a", type=float, default=0.0, help="at most a * source length + b tokens (fairseq: 0)")
-    p.add_argument("--max_len_b", type=int, default=200, help="(fairseq: 200)")
+    # decoding settings: unset ones keep GenerationConfig's defaults (roformer/config.py)
+    p.add_argument("--beam", type=int, help="beam size (default 4, the paper's; 1 is greedy)")
+    p.add_argument("--lenpen", type=float, help="length penalty, fairseq's convention (default 0.6, the paper's)")
+    p.add_argument("--max_len_a", type=float, help="at most a * source length + b tokens (default 0, fairseq's)")
+    p.add_argument("--max_len_b", type=int, help="(default 200, fairseq's)")
     p.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=evaluate_bleu_command)

@@ -159,6 +159,35 @@ class GLUEDataConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Decoding settings (roformer/generation.py), defined once: generation, BLEU evaluation, the CLI and the
+    translation recipe all start from these defaults."""
+
+    beam_size: int = 4
+    """Hypotheses kept per sentence (the paper: 4); 1 is greedy search."""
+    length_penalty: float = 0.6
+    """fairseq's lenpen: hypotheses rank by sum of log-probs / length ** length_penalty (the paper: 0.6)."""
+    max_len_a: float = 0.0
+    max_len_b: int = 200
+    """A translation has at most max_len_a * source length + max_len_b tokens (fairseq-generate: 0 and 200)."""
+    min_length: int = 0
+    """EOS is not generated before this many tokens."""
+
+    def __post_init__(self):
+        if self.beam_size < 1:
+            raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_len_a < 0 or self.max_len_b < 0 or self.min_length < 0:
+            raise ConfigError(
+                f"max_len_a={self.max_len_a}, max_len_b={self.max_len_b} and min_length={self.min_length} "
+                "must not be negative"
+            )
+
+    def replace(self, **changes) -> GenerationConfig:
+        """A copy with `changes` (setting names as keywords); an unknown name is a TypeError."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+@dataclass
 class TranslationDataConfig:
     """Line-aligned parallel text, or the hub's wmt14."""
 
@@ -188,13 +217,17 @@ class TranslationDataConfig:
     """Use only the first N training pairs (quick runs)."""
     max_eval_samples: int | None = None
     """Use only the first N pairs of the dev and test sets."""
-    beam_size: int = 4
+    beam_size: int = GenerationConfig.beam_size
     """Beam of the final evaluation (the paper: 4); evaluation during training decodes greedily."""
-    length_penalty: float = 0.6
-    """fairseq's lenpen: hypotheses rank by sum of log-probs / length ** length_penalty (the paper: 0.6)."""
-    max_len_a: float = 0.0
-    max_len_b: int = 200
-    """A translation has at most max_len_a * source length + max_len_b tokens (fairseq-generate: 0 and 200)."""
+    length_penalty: float = GenerationConfig.length_penalty
+    """See GenerationConfig, as are max_len_a and max_len_b."""
+    max_len_a: float = GenerationConfig.max_len_a
+    max_len_b: int = GenerationConfig.max_len_b
+
+    def generation(self, **changes) -> GenerationConfig:
+        """This recipe's decoding settings, with `changes` (e.g. beam_size=1 for greedy evaluation)."""
+        names = ("beam_size", "length_penalty", "max_len_a", "max_len_b")
+        return GenerationConfig(**{name: getattr(self, name) for name in names}).replace(**changes)
 
     def __post_init__(self):
         for name in ("bpe_vocab_size", "max_tokens", "max_source_length", "max_target_length", "beam_size"):
