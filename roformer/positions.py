@@ -203,9 +203,11 @@ class PositionContext:
     def select(self, index: torch.Tensor) -> PositionContext:
         """The context of the queries in `index` (B, M) only, against the same keys (their bias rows)."""
         bias = self.bias
-        if bias is not None:
-            rows = index[:, None, :, None].expand(index.shape[0], bias.shape[1], -1, bias.shape[-1])
-            bias = bias.expand(index.shape[0], -1, -1, -1).gather(2, rows)
+        if bias is not None and bias.shape[0] == 1:  # one bias for every sequence: (nh, B * M, T_k) rows of it
+            # (index_select, not gather from an expanded view: its backward would zero a (B, nh, T, T) gradient)
+            bias = bias[0].index_select(1, index.flatten()).unflatten(1, tuple(index.shape)).transpose(0, 1)
+        elif bias is not None:
+            bias = bias.gather(2, index[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[-1]))
         return PositionContext(self.rope.select(index), bias)
 
 
