@@ -417,14 +417,30 @@ class LearnedPositions(PositionScheme):
         return embeddings + self.position_embeddings(position_ids)
 
 
-def relative_positions(query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-    """key - query for every pair: (T_q, T_k), or (B, T_q, T_k) when either is per row (B, T)."""
-    return key_positions.unsqueeze(-2) - query_positions.unsqueeze(-1)
+def relative_bias(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, per_offset: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """A score bias that depends on key - query only: per_offset(offsets) maps offsets (...) to (..., nh) values.
 
-
-def _as_heads(bias: torch.Tensor) -> torch.Tensor:
-    """(nh, T_q, T_k) -> (1, nh, T_q, T_k); (B, nh, T_q, T_k) stays."""
+    Positions (T,) or (B, T); returns (1 or B, nh, T_q, T_k). When both are runs of consecutive positions (every
+    forward pass but one with explicit position ids), the bias is constant along diagonals: each of the
+    T_q + T_k - 1 offsets is computed once and laid out as views, instead of T_q x T_k times (T5's buckets and
+    their table's gradient cost a quarter of a CPU training step otherwise).
+    """
+    if _consecutive(query_positions) and _consecutive(key_positions):
+        num_queries, num_keys = len(query_positions), len(key_positions)
+        smallest = int(key_positions[0]) - int(query_positions[-1])  # the last query against the first key
+        offsets = torch.arange(smallest, smallest + num_queries + num_keys - 1, device=key_positions.device)
+        values = per_offset(offsets).t()  # (nh, T_q + T_k - 1)
+        # windows[h, a, j] = values[h, a + j] is the offset of key j from query T_q - 1 - a: flip the queries
+        return values.unfold(-1, num_keys, 1).flip(-2).unsqueeze(0)
+    relative = key_positions.unsqueeze(-2) - query_positions.unsqueeze(-1)  # (T_q, T_k) or (B, T_q, T_k)
+    bias = per_offset(relative).movedim(-1, -3)  # (..., nh, T_q, T_k)
     return bias.unsqueeze(0) if bias.dim() == 3 else bias
+
+
+def _consecutive(positions: torch.Tensor) -> bool:
+    return positions.dim() == 1 and (len(positions) < 2 or bool((positions.diff() == 1).all()))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -458,8 +474,7 @@ class ALiBiPositions(PositionScheme):
 
     def bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool) -> torch.Tensor:
         # |i - j| for both: under the causal mask, the keys a decoder query sees are j <= i, where they agree
-        distance = relative_positions(query_positions, key_positions).abs().unsqueeze(-3).float()  # (.., 1, T_q, T_k)
-        return _as_heads(distance * -self.slopes[:, None, None])
+        return relative_bias(query_positions, key_positions, lambda offset: offset.abs().unsqueeze(-1) * -self.slopes)
 
 
 def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -522,9 +537,11 @@ class T5RelativePositions(PositionScheme):
         table = self.decoder_relative_attention_bias if causal else self.relative_attention_bias
         if table is None:
             raise ValueError("this model has no decoder: no causal T5 relative bias table")
-        relative = relative_positions(query_positions, key_positions)
-        buckets = t5_bucket(relative, not causal, self.num_buckets, self.max_distance)  # (.., T_q, T_k)
-        return _as_heads(table(buckets).movedim(-1, -3).float())  # (.., nh, T_q, T_k)
+        return relative_bias(
+            query_positions,
+            key_positions,
+            lambda offset: table(t5_bucket(offset, not causal, self.num_buckets, self.max_distance)).float(),
+        )
 
 
 POSITION_SCHEMES: dict[str, type[PositionScheme]] = {

@@ -543,3 +543,31 @@ def test_score_bias_schemes_make_the_encoder_order_aware_without_embeddings(tiny
         plain = model(ids).last_hidden_state
         swapped = model(ids[:, [1, 0, *range(2, 10)]]).last_hidden_state
     assert not torch.allclose(plain[0, 5], swapped[0, 5], atol=1e-5)  # a token far from the swap still sees it
+
+
+@pytest.mark.parametrize("position", ["alibi", "t5_relative"])
+@pytest.mark.parametrize(("queries", "keys"), [((0, 9), (0, 9)), ((6, 9), (0, 9)), ((3, 4), (0, 4)), ((0, 1), (0, 1))])
+def test_diagonal_layout_of_the_bias_equals_every_pair_computed(tiny_config, position, queries, keys):
+    """Consecutive positions take the per-offset path (values laid out along diagonals); per-row positions compute
+    every pair. Both must agree, values and gradients, for the encoder and the causal decoder."""
+    scheme = roformer.POSITION_SCHEMES[position](tiny_config(position=position, num_decoder_layers=1))
+    for p in scheme.parameters():
+        torch.nn.init.normal_(p)
+    q, k = torch.arange(*queries), torch.arange(*keys)
+    for causal in (False, True):
+        fast = scheme.bias(q, k, causal)
+        every_pair = scheme.bias(q[None], k[None], causal)  # (1, T) rows: the general path
+        assert fast.shape == every_pair.shape == (1, 4, len(q), len(k))
+        assert_close(fast, every_pair, atol=0, rtol=0)
+        grad = torch.randn_like(fast)
+        params = list(scheme.parameters())
+        if params:
+            a = torch.autograd.grad(fast, params, grad, allow_unused=True)
+            b = torch.autograd.grad(every_pair, params, grad, allow_unused=True)
+            for x, y in zip(a, b):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    assert_close(x, y)
+    scattered = torch.tensor([0, 2, 3, 7])  # not consecutive: every pair
+    offset_5 = scheme.bias(torch.tensor([0]), torch.arange(6), False)[0, :, 0, 5]
+    assert_close(scheme.bias(scattered, scattered, False)[0, :, 1, 3], offset_5)  # 7 - 2
