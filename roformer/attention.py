@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from roformer.config import ModelConfig
-from roformer.derived import derived
 from roformer.kernels import KVCache, select_kernel
+from roformer.kernels.derived import derived
 from roformer.positions import NO_POSITIONS, PositionContext
 
 

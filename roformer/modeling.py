@@ -21,9 +21,9 @@ from torch import nn
 
 from roformer.attention import MultiHeadAttention
 from roformer.config import ModelConfig, model_config_from_dict
-from roformer.derived import derived, forget
 from roformer.errors import ConfigError
 from roformer.kernels import Dropout, KVCache
+from roformer.kernels.derived import derived, forget
 from roformer.linear_attention import ATTENTION_KINDS
 from roformer.positions import PositionContext, build_position_scheme
 

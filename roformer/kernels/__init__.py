@@ -10,6 +10,9 @@ output only: a caller that wants the weights gets the reference.
 - `dropout_attention` / `chunked_attention`: CPU training with attention dropout (`cpu_training`);
 - `single_query_attention`: one new query per row while decoding, on CPU or with beams sharing a source
   (`decoding`, beside the time-major `KVCache` that it reads).
+
+Beside them, `derived` keeps tensors built from parameters (the stacked q/k/v weight, a transposed output
+matrix) between inference calls, and `cpu_training.Dropout` draws cheap dropout masks for activations.
 """
 
 from __future__ import annotations
