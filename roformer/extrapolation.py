@@ -68,7 +68,7 @@ def evaluate_lengths(
         for factor in factors:
             length = train_length * factor
             batches = list(_eval_batches(run_dir, tokenizer, length, max_tokens, batch_tokens, seed))
-            for scaling in (s for s in scalings if s in accepted):
+            for scaling in [s for s in scalings if s in accepted] or ["none"]:  # every scheme runs unscaled
                 if scaling != "none" and factor == 1:
                     continue  # every scaling is the identity at the training length
                 row = {"run": run_dir.name, "scheme": scheme, "scaling": scaling, "factor": factor, "length": length}

@@ -400,6 +400,7 @@ class LearnedPositions(PositionScheme):
         super().__init__(cfg)
         self.max_positions = cfg.max_position_embeddings
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.embedding_dim)
+        self.unbounded = [name for name, scheme in POSITION_SCHEMES.items() if scheme.max_length(cfg) is None]
 
     @classmethod
     def max_length(cls, cfg: ModelConfig) -> int | None:
@@ -408,11 +409,10 @@ class LearnedPositions(PositionScheme):
     def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         longest = int(position_ids.max()) + 1
         if longest > self.max_positions:
-            unbounded = " | ".join(n for n, c in POSITION_SCHEMES.items() if c.max_length is PositionScheme.max_length)
             raise SequenceTooLongError(
                 f"sequence of {longest} positions is longer than the learned position table "
                 f"(model.max_position_embeddings={self.max_positions}); use at most {self.max_positions} tokens "
-                f"or a scheme without a table ({unbounded})"
+                f"or a scheme without a length limit ({', '.join(self.unbounded)})"
             )
         return embeddings + self.position_embeddings(position_ids)
 

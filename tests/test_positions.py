@@ -342,6 +342,8 @@ def test_learned_positions_refuse_sequences_longer_than_the_table(tiny_config):
     assert model(torch.randint(1, 97, (1, 16))).logits.shape == (1, 16, 97)
     with pytest.raises(roformer.SequenceTooLongError, match="max_position_embeddings=16"):
         model(torch.randint(1, 97, (1, 17)))
+    with pytest.raises(roformer.SequenceTooLongError, match="rotary, sinusoidal, alibi, t5_relative, none"):
+        model(torch.randint(1, 97, (1, 17)))
 
 
 @pytest.mark.parametrize("position", ["rotary", "sinusoidal", "alibi", "t5_relative", "none"])
