@@ -20,6 +20,7 @@ import sacrebleu
 import torch
 from tqdm.auto import tqdm
 
+from roformer.config import GenerationConfig
 from roformer.data_files import read_line_aligned, read_utf8
 from roformer.errors import DataError, UserError
 from roformer.generation import generate
@@ -114,15 +115,15 @@ def translate_lines(
     model,
     tokenizer,
     lines: list[str],
+    config: GenerationConfig | None = None,
     *,
-    beam_size: int = 4,
-    length_penalty: float = 0.6,
-    max_len_a: float = 0.0,
-    max_len_b: int = 200,
     batch_size: int = 64,
     progress: bool = False,
+    **settings,
 ) -> list[str]:
-    """Translate `lines` in batches of similar length; returns the translations in the input order."""
+    """Translate `lines` in batches of similar length; returns the translations in the input order. `settings`
+    override fields of `config` (beam_size, length_penalty, max_len_a, max_len_b)."""
+    config = (config or GenerationConfig()).replace(**settings)
     device = next(model.parameters()).device
     sources = encode_sources(tokenizer, lines)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))  # little padding per batch
@@ -135,10 +136,7 @@ def translate_lines(
             model,
             ids.to(device),
             mask.to(device),
-            beam_size=beam_size,
-            length_penalty=length_penalty,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
+            config,
             **generation_ids(tokenizer),
         )
         for i, text in zip(chunk, decode_hypotheses(tokenizer, hyps.tokens)):
@@ -182,10 +180,11 @@ def resolve_device(device: str | None) -> torch.device:
 def check_fits_positions(model, tokenizer, lines: list[str], max_len_a: float, max_len_b: int) -> None:
     """A learned position table has max_position_embeddings rows: the longest allowed translation (BOS + tokens)
     must fit, or decoding would fail midway with a message about the input."""
-    config = model.config
-    if config.position != "learned":
+    from roformer.positions import scheme_class
+
+    rows = scheme_class(model.config.position).max_length(model.config)
+    if rows is None:  # no table to run past
         return
-    rows = config.max_position_embeddings
     longest_source = max((len(row) - 1 for row in encode_sources(tokenizer, lines)), default=0)
     longest = int(max_len_a * longest_source + max_len_b)
     if longest + 1 > rows:
@@ -202,11 +201,12 @@ def evaluate_bleu(
     hyp: str | Path | None = None,
     out: str | Path | None = None,
     device: str | None = None,
-    **generation,
+    generation: GenerationConfig | None = None,
+    batch_size: int = 64,
 ) -> dict:
     """Translate `src` with `checkpoint` (or read ready translations from `hyp`) and score them against `ref`.
 
-    `generation`: beam_size, length_penalty, max_len_a, max_len_b, batch_size (see `translate_lines`).
+    `generation`: the decoding settings (default: GenerationConfig's); `batch_size`: sentences per batch.
     Returns `bleu_scores(...)` plus 'sentences'.
     """
     sources, references = read_line_aligned(src, ref)
@@ -219,9 +219,9 @@ def evaluate_bleu(
             raise UserError("give --checkpoint (a model to translate with) or --hyp (translations to score)")
         model, tokenizer = load_translator(checkpoint)
         model.to(resolve_device(device))
-        a, b = generation.get("max_len_a", 0.0), generation.get("max_len_b", 200)
-        check_fits_positions(model, tokenizer, sources, a, b)
-        hypotheses = translate_lines(model, tokenizer, sources, progress=True, **generation)
+        generation = generation or GenerationConfig()
+        check_fits_positions(model, tokenizer, sources, generation.max_len_a, generation.max_len_b)
+        hypotheses = translate_lines(model, tokenizer, sources, generation, batch_size=batch_size, progress=True)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")

@@ -17,6 +17,18 @@ from roformer.errors import UserError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
+class _PositionSchemes:
+    """argparse choices: the registered position schemes, read (with torch) only when a choice is checked."""
+
+    def __iter__(self):
+        from roformer.positions import POSITION_SCHEMES
+
+        return iter(POSITION_SCHEMES)
+
+    def __contains__(self, name) -> bool:
+        return name in list(self)
+
+
 def _training_command(task: str):
     def run(args) -> int:
         from roformer.config import load_config
@@ -82,10 +94,16 @@ def evaluate_bleu_command(args) -> int:
     import json
 
     from roformer.bleu import check_generation_args, evaluate_bleu, format_scores, resolve_device
+    from roformer.config import GenerationConfig
     from roformer.rundir import check_writable_file
 
-    # every number and output place is checked before hours of decoding
-    check_generation_args(args.beam, args.max_len_a, args.max_len_b, args.batch_size, args.lenpen)
+    given = dict(beam_size=args.beam, length_penalty=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+    settings = {**vars(GenerationConfig()), **{name: value for name, value in given.items() if value is not None}}
+    # every number and output place is checked before hours of decoding, named as on the command line
+    check_generation_args(
+        settings["beam_size"], settings["max_len_a"], settings["max_len_b"], args.batch_size, settings["length_penalty"]
+    )
+    generation = GenerationConfig(**settings)
     if args.hyp is None:
         resolve_device(args.device)
     for flag, path in (("--out", args.out), ("--json", args.json)):
@@ -98,10 +116,7 @@ def evaluate_bleu_command(args) -> int:
         hyp=args.hyp,
         out=args.out,
         device=args.device,
-        beam_size=args.beam,
-        length_penalty=args.lenpen,
-        max_len_a=args.max_len_a,
-        max_len_b=args.max_len_b,
+        generation=generation,
         batch_size=args.batch_size,
     )
     if args.out:
@@ -224,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyp", help="score these translations instead of translating with --checkpoint")
     p.add_argument("--out", help="write the translations here, one per line")
     p.add_argument("--json", help="write the scores and sacreBLEU signatures here as JSON")
-    p.add_argument("--beam", type=int, default=4, help="beam size (the paper: 4; 1 is greedy)")
-    p.add_argument("--lenpen", type=float, default=0.6, help="length penalty, fairseq's convention (the paper: 0.6)")
-    p.add_argument("--max_len_a", type=float, default=0.0, help="at most a * source length + b tokens (fairseq: 0)")
-    p.add_argument("--max_len_b", type=int, default=200, help="(fairseq: 200)")
+    # decoding settings: unset ones keep GenerationConfig's defaults (roformer/config.py)
+    p.add_argument("--beam", type=int, help="beam size (default 4, the paper's; 1 is greedy)")
+    p.add_argument("--lenpen", type=float, help="length penalty, fairseq's convention (default 0.6, the paper's)")
+    p.add_argument("--max_len_a", type=float, help="at most a * source length + b tokens (default 0, fairseq's)")
+    p.add_argument("--max_len_b", type=int, help="(default 200, fairseq's)")
     p.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     p.set_defaults(func=evaluate_bleu_command)
@@ -241,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain one model per position scheme (and seed) and compare them")
     p.add_argument("--output_dir", default="runs/demo")
     p.add_argument("--config", default=None, help="MLM recipe (default: configs/pretrain/demo.yaml, built-in corpus)")
-    p.add_argument("--schemes", nargs="+", default=["rotary", "sinusoidal", "learned"])
+    p.add_argument("--schemes", nargs="+", default=["rotary", "sinusoidal", "learned"], choices=_PositionSchemes())
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="one run per scheme and seed")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=demo_command)

@@ -17,8 +17,9 @@ from typing import Any, Literal, Union
 import yaml
 
 from roformer.errors import ConfigError
+from roformer.positions import POSITION_SCHEMES, scheme_class
 
-PositionName = Literal["rotary", "sinusoidal", "learned", "none"]
+PositionName = Literal[tuple(POSITION_SCHEMES)]  # the registered schemes, in registry order
 GLUETaskName = Literal["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
 
 
@@ -40,13 +41,18 @@ class ModelConfig:
     """Width of the embeddings when it differs from hidden_size (projected up, as in HF RoFormer)."""
     type_vocab_size: int = 2
     position: PositionName = "rotary"
-    """The position scheme: rotary (RoPE, the paper), sinusoidal (Vaswani), learned (BERT) or none."""
+    """The position scheme (roformer/positions.py): rotary (RoPE, the paper), sinusoidal (Vaswani), learned
+    (BERT), alibi (Press et al.), t5_relative (T5's bucketed bias) or none."""
     rotary_pairing: Literal["interleaved", "half"] = "interleaved"
     """interleaved: pairs (x[2i], x[2i+1]) as in the paper and HF RoFormer; half: Llama/GPT-NeoX."""
     rope_base: float = 10000.0
     rope_scaling: Literal["none", "linear", "ntk", "dynamic_ntk", "yarn"] = "none"
     """Context extension beyond max_position_embeddings (rotary only)."""
     rope_scaling_factor: float = 1.0
+    relative_attention_num_buckets: int = 32
+    """t5_relative: buckets of key - query offsets per direction pair (T5: 32)."""
+    relative_attention_max_distance: int = 128
+    """t5_relative: offsets from here on share the last bucket (T5: 128)."""
     rotary_value: bool = False
     """Rotate the values too, as transformers' RoFormer optionally does."""
     attention: Literal["softmax", "linear"] = "softmax"
@@ -68,25 +74,25 @@ class ModelConfig:
     embedding_layer_norm: bool = True
     """LayerNorm after the embeddings (BERT, RoFormer); the original Transformer has none."""
     scale_embeddings: bool | None = None
-    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do. Unset means on for sinusoidal
-    only: its fixed table has unit amplitude, and unscaled std-0.02 word embeddings drown under it after the
-    embedding LayerNorm (the run stalls on the unigram plateau, docs/results.md section 1)."""
+    """Multiply token embeddings by sqrt(hidden_size), as Vaswani et al. do. Unset means the scheme's default
+    (on for sinusoidal only: its fixed table has unit amplitude, and unscaled std-0.02 word embeddings drown
+    under it after the embedding LayerNorm; the run stalls on the unigram plateau, docs/results.md section 1)."""
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        scheme = scheme_class(self.position)
         if self.scale_embeddings is None:
-            self.scale_embeddings = self.position == "sinusoidal"
+            self.scale_embeddings = scheme.scales_embeddings
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"
             )
-        if self.position == "rotary" and (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError("model.position=rotary needs an even head size (hidden_size / num_heads)")
         if self.rope_scaling_factor < 1.0:
             raise ConfigError(f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        scheme.validate(self)
 
     @property
     def embedding_dim(self) -> int:
@@ -198,6 +204,35 @@ class GLUEDataConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Decoding settings (roformer/generation.py), defined once: generation, BLEU evaluation, the CLI and the
+    translation recipe all start from these defaults."""
+
+    beam_size: int = 4
+    """Hypotheses kept per sentence (the paper: 4); 1 is greedy search."""
+    length_penalty: float = 0.6
+    """fairseq's lenpen: hypotheses rank by sum of log-probs / length ** length_penalty (the paper: 0.6)."""
+    max_len_a: float = 0.0
+    max_len_b: int = 200
+    """A translation has at most max_len_a * source length + max_len_b tokens (fairseq-generate: 0 and 200)."""
+    min_length: int = 0
+    """EOS is not generated before this many tokens."""
+
+    def __post_init__(self):
+        if self.beam_size < 1:
+            raise ConfigError(f"beam_size must be at least 1, got {self.beam_size}")
+        if self.max_len_a < 0 or self.max_len_b < 0 or self.min_length < 0:
+            raise ConfigError(
+                f"max_len_a={self.max_len_a}, max_len_b={self.max_len_b} and min_length={self.min_length} "
+                "must not be negative"
+            )
+
+    def replace(self, **changes) -> GenerationConfig:
+        """A copy with `changes` (setting names as keywords); an unknown name is a TypeError."""
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+@dataclass
 class TranslationDataConfig:
     """Line-aligned parallel text, or the hub's wmt14. Training reads a prepared dataset (`roformer prepare`):
     either `prepared`, or one made on first use from train_prefix / hub_name into `prepared_cache`. Dev and test
@@ -239,13 +274,17 @@ class TranslationDataConfig:
     and a run on a larger prepared dataset trains on its first N."""
     max_eval_samples: int | None = None
     """Use only the first N pairs of the dev and test sets."""
-    beam_size: int = 4
+    beam_size: int = GenerationConfig.beam_size
     """Beam of the final evaluation (the paper: 4); evaluation during training decodes greedily."""
-    length_penalty: float = 0.6
-    """fairseq's lenpen: hypotheses rank by sum of log-probs / length ** length_penalty (the paper: 0.6)."""
-    max_len_a: float = 0.0
-    max_len_b: int = 200
-    """A translation has at most max_len_a * source length + max_len_b tokens (fairseq-generate: 0 and 200)."""
+    length_penalty: float = GenerationConfig.length_penalty
+    """See GenerationConfig, as are max_len_a and max_len_b."""
+    max_len_a: float = GenerationConfig.max_len_a
+    max_len_b: int = GenerationConfig.max_len_b
+
+    def generation(self, **changes) -> GenerationConfig:
+        """This recipe's decoding settings, with `changes` (e.g. beam_size=1 for greedy evaluation)."""
+        names = ("beam_size", "length_penalty", "max_len_a", "max_len_b")
+        return GenerationConfig(**{name: getattr(self, name) for name in names}).replace(**changes)
 
     def __post_init__(self):
         for name in ("bpe_vocab_size", "max_tokens", "max_source_length", "max_target_length", "beam_size",
@@ -522,16 +561,16 @@ def config_from_dict(raw: dict, origin: str = "config") -> RunConfig:
 
 
 def _check_lengths_fit(cfg: RunConfig, origin: str) -> None:
-    """A learned table has max_position_embeddings rows: the data's sequences must fit in it."""
-    if cfg.model.position != "learned":
+    """A scheme with a maximum length (a learned table's rows) must fit the data's sequences."""
+    rows = scheme_class(cfg.model.position).max_length(cfg.model)
+    if rows is None:
         return
-    rows = cfg.model.max_position_embeddings
     for name in ("max_seq_length", "max_source_length", "max_target_length"):
         length = getattr(cfg.data, name, None)
         if length is not None and length > rows:
             raise ConfigError(
-                f"{origin}: data.{name}={length} is longer than the learned position table "
-                f"(model.max_position_embeddings={rows}); use at most {rows} or a rotary/sinusoidal scheme"
+                f"{origin}: data.{name}={length} is longer than model.position={cfg.model.position!r} allows "
+                f"(model.max_position_embeddings={rows}); use at most {rows} or a scheme without a table"
             )
 
 

@@ -17,6 +17,7 @@ from roformer.compare import save_figure
 from roformer.config import load_config
 from roformer.errors import DataError
 from roformer.modeling import RoFormerForMaskedLM
+from roformer.positions import scheme_class
 from roformer.tasks.mlm import EVAL_SALT, MaskingCollator, PackedBlocks, prepared_corpus
 from roformer.tokenization import load_tokenizer
 
@@ -59,22 +60,18 @@ def evaluate_lengths(
         tokenizer = load_tokenizer(run_dir / "final")
         train_length = load_config(run_dir / "config.yaml").data.max_seq_length
         scheme = base.config.position
+        accepted = scheme_class(scheme).rope_scalings  # ("none",) for every scheme but rotary
+        longest = scheme_class(scheme).max_length(base.config)  # a learned table's rows, or None
         for factor in factors:
             length = train_length * factor
             batches = list(_eval_batches(run_dir, tokenizer, length, max_tokens, batch_tokens, seed))
-            for scaling in scalings if scheme == "rotary" else ("none",):
+            for scaling in [s for s in scalings if s in accepted] or ["none"]:  # every scheme runs unscaled
                 if scaling != "none" and factor == 1:
                     continue  # every scaling is the identity at the training length
                 row = {"run": run_dir.name, "scheme": scheme, "scaling": scaling, "factor": factor, "length": length}
-                if scheme == "learned" and length > base.config.max_position_embeddings:
-                    rows.append(
-                        {
-                            **row,
-                            "loss": None,
-                            "accuracy": None,
-                            "note": f"beyond the learned table ({base.config.max_position_embeddings} rows)",
-                        }
-                    )
+                if longest is not None and length > longest:
+                    note = f"beyond the {scheme} table ({longest} rows)"
+                    rows.append({**row, "loss": None, "accuracy": None, "note": note})
                     continue
                 model = _with_scaling(base, scaling, factor)
                 loss, accuracy = mlm_loss(model, batches)

@@ -16,15 +16,19 @@ Beam search follows fairseq's `SequenceGenerator`:
   defaults are a=0, b=200), source length counting the real tokens without EOS. Per sentence rather than per
   batch, so a translation never depends on the sentences it was batched with.
 
-Pad and BOS are never generated. Beam 1 is greedy search (tested).
+Pad and BOS are never generated. Beam 1 is greedy search (tested). The settings (beam, length penalty, length
+limits) come in one `GenerationConfig` (roformer/config.py); keywords of the same names override its fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
+
+from roformer.config import GenerationConfig
 
 NEG_INF = -math.inf
 
@@ -140,11 +144,11 @@ def topk_by_blocks(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Ten
     return values, best_blocks.gather(1, where // block) * block + where % block
 
 
-def _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b):
+def _prepare(model, input_ids, attention_mask, pad_id, eos_id, config: GenerationConfig):
     if attention_mask is None:
         attention_mask = input_ids.ne(pad_id).long()
     memory = model.encode(input_ids, attention_mask)  # (B, S, H), once
-    return attention_mask, memory, max_lengths(input_ids, attention_mask, eos_id, max_len_a, max_len_b)
+    return attention_mask, memory, max_lengths(input_ids, attention_mask, eos_id, config.max_len_a, config.max_len_b)
 
 
 @torch.no_grad()
@@ -152,19 +156,21 @@ def greedy_search(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
     *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
-    length_penalty: float = 0.6,
-    max_len_a: float = 0.0,
-    max_len_b: int = 200,
-    min_length: int = 0,
     use_cache: bool = True,
+    **settings,
 ) -> Hypotheses:
-    """The most probable next token at every step. input_ids: (B, S) sources ending in EOS, right-padded."""
+    """The most probable next token at every step. input_ids: (B, S) sources ending in EOS, right-padded.
+    `settings` override fields of `config` (length_penalty, max_len_a, max_len_b, min_length); beam_size is
+    ignored."""
+    config = (config or GenerationConfig()).replace(**settings)
+    length_penalty, min_length = config.length_penalty, config.min_length
     ids = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
-    attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b)
+    attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, config)
     batch = input_ids.shape[0]
     decoder = _Decoder(model, memory, attention_mask, use_cache)
     tokens = input_ids.new_full((batch, 1), bos_id)
@@ -195,22 +201,22 @@ def beam_search(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
     *,
     bos_id: int,
     eos_id: int,
     pad_id: int,
-    beam_size: int = 4,
-    length_penalty: float = 0.6,
-    max_len_a: float = 0.0,
-    max_len_b: int = 200,
-    min_length: int = 0,
     use_cache: bool = True,
+    **settings,
 ) -> Hypotheses:
     """Batched beam search (fairseq's rules, see the module docstring). input_ids: (B, S) sources ending in EOS,
-    right-padded. The B * K hypotheses are decoded together as one batch; finished sentences leave it."""
+    right-padded. The B * K hypotheses are decoded together as one batch; finished sentences leave it.
+    `settings` override fields of `config`."""
+    config = (config or GenerationConfig()).replace(**settings)
+    length_penalty, min_length = config.length_penalty, config.min_length
     ids = {"bos": bos_id, "eos": eos_id, "pad": pad_id}
-    attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, max_len_a, max_len_b)
-    batch, k, device = input_ids.shape[0], beam_size, input_ids.device
+    attention_mask, memory, max_len = _prepare(model, input_ids, attention_mask, pad_id, eos_id, config)
+    batch, k, device = input_ids.shape[0], config.beam_size, input_ids.device
     decoder = _Decoder(model, memory, attention_mask, use_cache)
     tokens = input_ids.new_full((batch, 1), bos_id)  # (n * K, t) from step 1 on
     scores = torch.full((batch, k), NEG_INF, device=device)  # (n, K) sum of log-probs
@@ -259,8 +265,10 @@ def beam_search(
     return Hypotheses([h[1] for h in best], torch.tensor([h[0] for h in best]))
 
 
-def generate(model, input_ids, attention_mask=None, *, beam_size: int = 4, **kwargs) -> Hypotheses:
-    """Beam search, or greedy search when beam_size is 1 (the same result, less bookkeeping)."""
-    if beam_size == 1:
-        return greedy_search(model, input_ids, attention_mask, **kwargs)
-    return beam_search(model, input_ids, attention_mask, beam_size=beam_size, **kwargs)
+def generate(model, input_ids, attention_mask=None, config: GenerationConfig | None = None, **kwargs) -> Hypotheses:
+    """Beam search, or greedy search when the beam is 1 (the same result, less bookkeeping). `kwargs`: the token
+    ids, use_cache, and settings that override fields of `config`."""
+    settings = {f.name: kwargs.pop(f.name) for f in dataclasses.fields(GenerationConfig) if f.name in kwargs}
+    config = (config or GenerationConfig()).replace(**settings)
+    search = greedy_search if config.beam_size == 1 else beam_search
+    return search(model, input_ids, attention_mask, config, **kwargs)

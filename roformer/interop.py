@@ -12,6 +12,7 @@ import torch
 from roformer.config import ModelConfig
 from roformer.errors import InteropError
 from roformer.modeling import RoFormerForMaskedLM, RoFormerForSequenceClassification, RoFormerModel
+from roformer.positions import POSITION_SCHEMES, scheme_class
 
 # transformers class name -> (family, our class)
 HF_CLASSES = {
@@ -22,7 +23,8 @@ HF_CLASSES = {
     "BertForMaskedLM": ("bert", RoFormerForMaskedLM),
     "BertForSequenceClassification": ("bert", RoFormerForSequenceClassification),
 }
-FAMILY_OF_POSITION = {"rotary": "roformer", "learned": "bert"}
+# the scheme each transformers family maps to, from the schemes' own facts: rotary <-> roformer, learned <-> bert
+POSITION_OF_FAMILY = {c.transformers_family: name for name, c in POSITION_SCHEMES.items() if c.transformers_family}
 
 
 def _encoder_keys(cfg: ModelConfig, ours: str, theirs: str, family: str) -> list[tuple[str, str]]:
@@ -110,10 +112,10 @@ def _config_from_hf(hf_config, family: str) -> ModelConfig:
                 f"BERT with position_embedding_type={hf_config.position_embedding_type!r} "
                 "has no equivalent here; only 'absolute' maps to position=learned"
             )
-        return ModelConfig(**common, position="learned", classifier_activation="tanh")
+        return ModelConfig(**common, position=POSITION_OF_FAMILY["bert"], classifier_activation="tanh")
     return ModelConfig(
         **common,
-        position="rotary",
+        position=POSITION_OF_FAMILY["roformer"],
         rotary_pairing="interleaved",
         embedding_size=hf_config.embedding_size,
         rotary_value=hf_config.rotary_value,
@@ -169,19 +171,9 @@ def _hf_config(model, family: str):
 
 def _check_representable(model, family: str | None) -> None:
     cfg = model.config
-    problems = []
-    if family is None:
-        problems.append(
-            f"position={cfg.position!r} has no transformers equivalent (rotary -> RoFormer*, learned -> Bert*)"
-        )
-    if cfg.position == "rotary" and cfg.rotary_pairing != "interleaved":
-        problems.append("transformers' RoFormer uses rotary_pairing='interleaved', this model 'half'")
-    if cfg.position == "rotary" and cfg.rope_scaling != "none":
-        problems.append("transformers' RoFormer has no RoPE scaling")
+    problems = scheme_class(cfg.position).transformers_problems(cfg)  # the scheme knows what it cannot carry over
     if cfg.attention != "softmax":
         problems.append("transformers' models have softmax attention only")
-    if cfg.rope_base != 10000.0 and cfg.position == "rotary":
-        problems.append("transformers' RoFormer fixes rope_base at 10000")
     if family == "bert" and cfg.embedding_dim != cfg.hidden_size:
         problems.append("BERT has no embedding_size distinct from hidden_size")
     if isinstance(model, RoFormerForSequenceClassification):
@@ -196,7 +188,7 @@ def to_transformers(model):
     """A model here -> transformers (rotary -> RoFormer*, learned -> Bert*), with the same outputs."""
     import transformers
 
-    family = FAMILY_OF_POSITION.get(model.config.position)
+    family = scheme_class(model.config.position).transformers_family
     _check_representable(model, family)
     prefix = "RoFormer" if family == "roformer" else "Bert"
     suffix = {

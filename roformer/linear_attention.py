@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from roformer.attention import MultiHeadAttention
 from roformer.config import ModelConfig
-from roformer.positions import NO_ROPE
+from roformer.positions import NO_POSITIONS, NO_ROPE
 
 EPS = 1e-6
 
@@ -100,15 +100,17 @@ class LinearMultiHeadAttention(MultiHeadAttention):
             return favor_feature_map(x, self.projection, is_query)
         return elu_feature_map(x)
 
-    def forward(self, x, mask=None, rope=NO_ROPE, context=None, cache=None, need_weights=False):
+    def forward(self, x, mask=None, positions=NO_POSITIONS, context=None, cache=None, need_weights=False):
         if cache is not None or context is not None:
             raise NotImplementedError("linear attention is self-attention without a KV cache")
+        if positions.bias is not None:  # ModelConfig refuses the combination; a score bias has no place here
+            raise ValueError("linear attention forms no score matrix to add a position bias to")
         q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
         # The linear form takes key padding and causality, not an arbitrary mask: a mask with one row per query
         # is the decoder's causal mask, and its last row (the query that sees every earlier key) is the padding.
         causal = self.causal or (mask is not None and mask.shape[-2] > 1)
         key_mask = None if mask is None else mask[..., -1:, :].transpose(-2, -1).to(v.dtype)  # (B, 1, T, 1)
-        out = linear_attention(self.phi(q, True), self.phi(k, False), v, rope, key_mask, causal)
+        out = linear_attention(self.phi(q, True), self.phi(k, False), v, positions.rope, key_mask, causal)
         out = F.dropout(out, self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).flatten(2)), None
 

@@ -1,7 +1,8 @@
 """RoFormer models: embeddings, post-LN transformer layers, encoder, decoder and task heads.
 
 Reads top to bottom: masks, embeddings, feed-forward, layer, stack, base model, heads. The position
-scheme is chosen by name from `positions.POSITION_SCHEMES`; nothing here branches on it.
+scheme is chosen by name from `positions.POSITION_SCHEMES`; nothing here branches on it: the embeddings ask it
+for its additive table, and each stack gets its `PositionContext` (rotation, score bias) once per forward pass.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from roformer.attention import KVCache, MultiHeadAttention, QuerySubset
+from roformer.attention import MultiHeadAttention
 from roformer.config import ModelConfig, model_config_from_dict
-from roformer.derived import derived, forget
-from roformer.dropout import Dropout
 from roformer.errors import ConfigError
+from roformer.kernels import Dropout, KVCache
+from roformer.kernels.derived import derived, forget
 from roformer.linear_attention import ATTENTION_KINDS
-from roformer.positions import build_position_scheme
+from roformer.positions import PositionContext, build_position_scheme
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
@@ -149,30 +150,32 @@ class TransformerLayer(nn.Module):
         self,
         x,
         mask,
-        rope,
+        positions: PositionContext,
         context=None,
         context_mask=None,
         cache: LayerCache | None = None,
         need_weights=False,
-        queries: QuerySubset | None = None,
     ):
-        """x: (B, T, H); context: (B, S, H). Returns (B, T, H) and the self-attention weights if asked.
-        With `queries` (self-attention only), computes just those rows: (B, M, H)."""
-        if queries is None:
-            attended, weights = self.attn(x, mask, rope, cache=cache and cache.self_attn, need_weights=need_weights)
-        else:
-            attended, weights = self.attn(x, mask, rope, queries=queries)
-            x = queries.gather(x)
+        """x: (B, T, H); context: (B, S, H). Returns (B, T, H) and the self-attention weights if asked."""
+        attended, weights = self.attn(x, mask, positions, cache=cache and cache.self_attn, need_weights=need_weights)
+        return self._after_attention(x, attended, context, context_mask, cache), weights
+
+    def forward_rows(self, x, index: torch.Tensor, mask, positions: PositionContext) -> torch.Tensor:
+        """The output at the rows `index` (B, M) of x only, their queries attending to all of x: (B, M, H).
+        Self-attention only (the masked-LM head's last layer)."""
+        rows = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self._after_attention(rows, self.attn.forward_rows(x, index, mask, positions))
+
+    def _after_attention(self, x, attended, context=None, context_mask=None, cache: LayerCache | None = None):
         x = self.attn_norm(x + self.dropout(attended))
         if self.cross_attn is not None:
             attended, _ = self.cross_attn(x, context_mask, context=context, cache=cache and cache.cross_attn)
             x = self.cross_norm(x + self.dropout(attended))
-        x = self.ffn_norm(x + self.dropout(self.ffn(x)))
-        return x, weights
+        return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
 class TransformerStack(nn.Module):
-    """A stack of layers sharing one RoPE cache per forward pass."""
+    """A stack of layers sharing one position context per forward pass."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, cross_attention: bool = False):
         super().__init__()
@@ -182,19 +185,16 @@ class TransformerStack(nn.Module):
         self,
         x,
         mask,
-        rope,
+        positions: PositionContext,
         context=None,
         context_mask=None,
         caches=None,
         output_hidden_states=False,
         output_attentions=False,
-        last_layer_queries: QuerySubset | None = None,
     ):
         hidden_states, attentions = [x], []
-        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            queries = last_layer_queries if i == last else None
-            x, weights = layer(x, mask, rope, context, context_mask, caches and caches[i], output_attentions, queries)
+            x, weights = layer(x, mask, positions, context, context_mask, caches and caches[i], output_attentions)
             hidden_states.append(x)
             attentions.append(weights)
         return ModelOutput(
@@ -287,6 +287,13 @@ class RoFormerModel(PreTrainedModel):
         self.encoder = TransformerStack(cfg, cfg.num_layers)
         self.init_weights()
 
+    def embed(self, input_ids, token_type_ids=None, position_ids=None) -> tuple[torch.Tensor, PositionContext]:
+        """The encoder's input (B, T, H) and the position context its layers share."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embeddings_project(self.embeddings(input_ids, position_ids, token_type_ids))
+        return x, self.embeddings.positions.context(position_ids)
+
     def forward(
         self,
         input_ids,
@@ -295,26 +302,16 @@ class RoFormerModel(PreTrainedModel):
         position_ids=None,
         output_hidden_states=False,
         output_attentions=False,
-        outputs_at: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids: (B, T). Returns last_hidden_state (B, T, H); with `outputs_at` (B, T) bool, the last layer
-        runs for those positions only and last_hidden_state is theirs, (N, H) in row-major order."""
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embeddings_project(self.embeddings(input_ids, position_ids, token_type_ids))
-        rope = self.embeddings.positions.rope(position_ids)
-        queries = None if outputs_at is None else QuerySubset.from_mask(outputs_at)
-        out = self.encoder(
+        """input_ids: (B, T). Returns last_hidden_state (B, T, H)."""
+        x, positions = self.embed(input_ids, token_type_ids, position_ids)
+        return self.encoder(
             x,
             padding_mask(attention_mask),
-            rope,
+            positions,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            last_layer_queries=queries,
         )
-        if queries is not None:
-            out.last_hidden_state = out.last_hidden_state[queries.valid]
-        return out
 
 
 class MaskedLMHead(nn.Module):
@@ -352,14 +349,30 @@ class RoFormerForMaskedLM(PreTrainedModel):
         masked = labels != -100
         every_position_wanted = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
         if self.config.attention == "softmax" and not every_position_wanted:
-            out = self.roformer(input_ids, attention_mask, token_type_ids, outputs_at=masked, **kwargs)
-            hidden = out.last_hidden_state  # (N, H)
+            hidden = self._hidden_at(masked, input_ids, attention_mask, token_type_ids, kwargs.get("position_ids"))
+            out = ModelOutput(last_hidden_state=hidden)  # (N, H)
         else:
             out = self.roformer(input_ids, attention_mask, token_type_ids, **kwargs)
             hidden = out.last_hidden_state[masked]
         out.logits = self.head(hidden)  # (N, V)
         out.loss = F.cross_entropy(out.logits.float(), labels[masked])
         return out
+
+    def _hidden_at(self, selected, input_ids, attention_mask, token_type_ids, position_ids=None) -> torch.Tensor:
+        """The encoder's output at the `selected` (B, T) positions, (N, H) in row-major order. The last layer runs
+        for those rows only (its keys and values still see every token): with ~15% of the tokens masked it skips
+        most of that layer's queries, feed-forward and norms."""
+        x, positions = self.roformer.embed(input_ids, token_type_ids, position_ids)
+        mask = padding_mask(attention_mask)
+        *layers, last = self.roformer.encoder.layers
+        for layer in layers:
+            x, _ = layer(x, mask, positions)
+        # each row's selected positions in order, then padding up to the longest count (dropped at the end)
+        counts = selected.sum(dim=1)
+        width = int(counts.max()) if selected.numel() else 0
+        index = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=selected.device) < counts.unsqueeze(1)
+        return last.forward_rows(x, index, mask, positions)[valid]
 
 
 class ClassificationHead(nn.Module):
@@ -406,8 +419,9 @@ class RoFormerForSequenceClassification(PreTrainedModel):
 class RoFormerForSeq2SeqLM(PreTrainedModel):
     """Encoder-decoder (Vaswani et al.) over one joint vocabulary: source, target and output embeddings shared.
 
-    With `rotary`, RoPE rotates q and k of the encoder's and the decoder's self-attention; cross-attention
-    is never rotated. Additive schemes add their table to both streams.
+    With `rotary`, RoPE rotates q and k of the encoder's and the decoder's self-attention; score-bias schemes
+    (ALiBi, T5) bias both self-attentions, the decoder's causally; cross-attention has no positions. Additive
+    schemes add their table to both streams.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -430,18 +444,19 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
         """input_ids: (B, S) -> memory (B, S, H)."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embeddings(input_ids, positions)
-        rope = self.embeddings.positions.rope(positions)
-        return self.encoder(x, padding_mask(attention_mask), rope).last_hidden_state
+        context = self.embeddings.positions.context(positions)
+        return self.encoder(x, padding_mask(attention_mask), context).last_hidden_state
 
     def decode(self, decoder_input_ids, memory, attention_mask=None, caches: list[LayerCache] | None = None):
         """decoder_input_ids: (B, T), the new tokens only when `caches` hold the earlier ones. Returns (B, T, V)."""
         past = caches[0].self_attn.length if caches else 0
         length = decoder_input_ids.shape[1]
-        positions = torch.arange(past, past + length, device=decoder_input_ids.device)
-        x = self.embeddings(decoder_input_ids, positions)
-        rope = self.embeddings.positions.rope(positions)
+        positions = torch.arange(past + length, device=decoder_input_ids.device)
+        x = self.embeddings(decoder_input_ids, positions[past:])
+        # the new tokens' queries against every key so far, the cached ones included; causal (T5: its own buckets)
+        context = self.embeddings.positions.context(positions[past:], positions, causal=True)
         mask = causal_mask(length, past + length, x.device) if length > 1 else None
-        hidden = self.decoder(x, mask, rope, memory, padding_mask(attention_mask), caches).last_hidden_state
+        hidden = self.decoder(x, mask, context, memory, padding_mask(attention_mask), caches).last_hidden_state
         return self.output_logits(hidden)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:

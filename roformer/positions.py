@@ -1,9 +1,14 @@
-"""Position schemes behind one registry: `rotary` (RoPE), `sinusoidal`, `learned`, `none`.
+"""Position schemes behind one registry: `rotary` (RoPE), `sinusoidal`, `learned`, `alibi`, `t5_relative`, `none`.
 
-Every scheme has the same two entry points, so the encoder never branches on the scheme's name:
+A scheme owns its facts, so nothing outside this module asks a scheme's name: how long a sequence it can take
+(`max_length`), whether word embeddings are scaled by default, which RoPE scalings it accepts, which
+transformers family it converts to (or why not), and what it requires of the rest of the config (`validate`).
+
+At run time every scheme has the same entry points, so the models never branch on the scheme either:
 - `add_to(embeddings, position_ids)`: additive schemes add their table, the others return the input;
-- `rope(position_ids, seq_len)`: rotary returns the cos/sin cache shared by all layers, the others the
-  identity rotation `NO_ROPE`.
+- `context(position_ids, key_positions, causal)`: what attention does with positions in one forward pass, a
+  `PositionContext` with two hooks: `rotate` q and k (RoPE; the identity otherwise) and an additive `bias` on
+  the attention scores (ALiBi, T5's relative buckets; None otherwise).
 
 RoPE (Su et al. 2021, eq. 34): each pair of head dims is rotated by m * theta_i, theta_i = base^(-2i/d).
 `interleaved` pairs (x[2i], x[2i+1]) as in the paper and transformers' RoFormer; `half` pairs
@@ -15,12 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
-from roformer.errors import SequenceTooLongError
+from roformer.errors import ConfigError, SequenceTooLongError
 
 if TYPE_CHECKING:
     from roformer.config import ModelConfig
@@ -181,6 +186,35 @@ class _NoRope:
 NO_ROPE = _NoRope()
 
 
+@dataclass
+class PositionContext:
+    """What attention does with positions in one forward pass, built once and shared by every layer of a stack.
+
+    Two hooks: `rotate` turns q and k (RoPE; the identity otherwise) and `bias`, when not None, is added to the
+    scores q k^T / sqrt(d) before the softmax: (1 or B, nh, T_q, T_k), float32 (ALiBi, T5 relative buckets).
+    """
+
+    rope: Rope | _NoRope = NO_ROPE
+    bias: torch.Tensor | None = None
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rope.rotate(x)
+
+    def select(self, index: torch.Tensor) -> PositionContext:
+        """The context of the queries in `index` (B, M) only, against the same keys (their bias rows)."""
+        bias = self.bias
+        if bias is not None and bias.shape[0] == 1:  # one bias for every sequence: (nh, B * M, T_k) rows of it
+            # (index_select, not gather from an expanded view: its backward would zero a (B, nh, T, T) gradient)
+            bias = bias[0].index_select(1, index.flatten()).unflatten(1, tuple(index.shape)).transpose(0, 1)
+        elif bias is not None:
+            bias = bias.gather(2, index[:, None, :, None].expand(-1, bias.shape[1], -1, bias.shape[-1]))
+        return PositionContext(self.rope.select(index), bias)
+
+
+NO_POSITIONS = PositionContext()
+"""Cross-attention's context: positions live in each stream's self-attention, not across streams."""
+
+
 # --------------------------------------------------------------------------------------------------
 # The schemes
 # --------------------------------------------------------------------------------------------------
@@ -202,10 +236,52 @@ class GrowingTable(Generic[T]):
 
 
 class PositionScheme(nn.Module):
-    """Base: no additive table, no rotation. Every scheme is built from the model config."""
+    """Base: no additive table, no rotation, no score bias, no length limit. Built from the model config.
+
+    Class attributes and class methods are the scheme's facts, asked of the config before any model exists.
+    """
+
+    name: ClassVar[str]
+    scales_embeddings: ClassVar[bool] = False
+    """Default of `model.scale_embeddings`: multiply word embeddings by sqrt(dim)."""
+    rope_scalings: ClassVar[tuple[str, ...]] = ("none",)
+    """The `model.rope_scaling` values this scheme accepts."""
+    transformers_family: ClassVar[str | None] = None
+    """The transformers family it converts to and from ('roformer', 'bert'), or None."""
+    score_bias: ClassVar[bool] = False
+    """Whether it adds a bias to attention scores (then it needs softmax attention)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+
+    @classmethod
+    def max_length(cls, cfg: ModelConfig) -> int | None:
+        """The longest sequence a model of `cfg` can take; None: unbounded."""
+        return None
+
+    @classmethod
+    def validate(cls, cfg: ModelConfig) -> None:
+        """Raise ConfigError for a setting of `cfg` this scheme cannot honour."""
+        if cfg.rope_scaling not in cls.rope_scalings:
+            raise ConfigError(
+                f"model.rope_scaling={cfg.rope_scaling!r} does not apply to model.position={cls.name!r}; "
+                f"allowed: {' | '.join(cls.rope_scalings)}"
+            )
+        if cls.score_bias and cfg.attention != "softmax":
+            raise ConfigError(
+                f"model.position={cls.name!r} adds a bias to the attention scores, which model.attention="
+                f"{cfg.attention!r} never forms; use attention=softmax, or a rotary, additive or no-position scheme"
+            )
+
+    @classmethod
+    def transformers_problems(cls, cfg: ModelConfig) -> list[str]:
+        """Why a model of `cfg` has no transformers equivalent; empty when it converts."""
+        if cls.transformers_family is not None:
+            return []
+        convertible = ", ".join(
+            f"{n} -> {c.transformers_family}" for n, c in POSITION_SCHEMES.items() if c.transformers_family
+        )
+        return [f"position={cls.name!r} has no transformers equivalent ({convertible})"]
 
     def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return embeddings
@@ -213,13 +289,32 @@ class PositionScheme(nn.Module):
     def rope(self, position_ids: torch.Tensor) -> Rope | _NoRope:
         return NO_ROPE
 
+    def bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool) -> torch.Tensor | None:
+        """The score bias of queries at `query_positions` against keys at `key_positions`, each (T,) or (B, T):
+        (1 or B, nh, T_q, T_k), or None."""
+        return None
+
+    def context(
+        self, position_ids: torch.Tensor, key_positions: torch.Tensor | None = None, causal: bool = False
+    ) -> PositionContext:
+        """The context of one forward pass whose tokens sit at `position_ids`. `key_positions`: the keys', when
+        they differ (a decoding step also attends to cached keys); `causal`: the decoder's self-attention."""
+        keys = position_ids if key_positions is None else key_positions
+        return PositionContext(self.rope(position_ids), self.bias(position_ids, keys, causal))
+
 
 class NoPositions(PositionScheme):
     """No position information at all: the baseline of the comparison."""
 
+    name = "none"
+
 
 class RotaryPositions(PositionScheme):
     """RoPE on q and k; nothing added to the embeddings; no maximum length."""
+
+    name = "rotary"
+    rope_scalings = ("none", "linear", "ntk", "dynamic_ntk", "yarn")
+    transformers_family = "roformer"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -230,6 +325,23 @@ class RotaryPositions(PositionScheme):
         self.factor = cfg.rope_scaling_factor
         self.original_max_len = cfg.max_position_embeddings
         self._table = GrowingTable(self._angle_table)  # not a buffer: never saved
+
+    @classmethod
+    def validate(cls, cfg: ModelConfig) -> None:
+        super().validate(cfg)
+        if cfg.head_dim % 2:
+            raise ConfigError("model.position=rotary needs an even head size (hidden_size / num_heads)")
+
+    @classmethod
+    def transformers_problems(cls, cfg: ModelConfig) -> list[str]:
+        problems = []
+        if cfg.rotary_pairing != "interleaved":
+            problems.append("transformers' RoFormer uses rotary_pairing='interleaved', this model 'half'")
+        if cfg.rope_scaling != "none":
+            problems.append("transformers' RoFormer has no RoPE scaling")
+        if cfg.rope_base != 10000.0:
+            problems.append("transformers' RoFormer fixes rope_base at 10000")
+        return problems
 
     def rope(self, position_ids: torch.Tensor) -> Rope:
         seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 0
@@ -257,7 +369,13 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
 
 
 class SinusoidalPositions(PositionScheme):
-    """Vaswani's fixed additive table, computed for whatever length comes."""
+    """Vaswani's fixed additive table, computed for whatever length comes.
+
+    Scales word embeddings by sqrt(dim) by default, as Vaswani et al. do: the table has unit amplitude, and
+    unscaled std-0.02 word embeddings drown under it after the embedding LayerNorm (docs/results.md section 1)."""
+
+    name = "sinusoidal"
+    scales_embeddings = True
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -275,10 +393,18 @@ class SinusoidalPositions(PositionScheme):
 class LearnedPositions(PositionScheme):
     """BERT's trained table of `max_position_embeddings` rows; a longer input is a clear error."""
 
+    name = "learned"
+    transformers_family = "bert"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.max_positions = cfg.max_position_embeddings
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.embedding_dim)
+        self.unbounded = [name for name, scheme in POSITION_SCHEMES.items() if scheme.max_length(cfg) is None]
+
+    @classmethod
+    def max_length(cls, cfg: ModelConfig) -> int | None:
+        return cfg.max_position_embeddings
 
     def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         longest = int(position_ids.max()) + 1
@@ -286,18 +412,157 @@ class LearnedPositions(PositionScheme):
             raise SequenceTooLongError(
                 f"sequence of {longest} positions is longer than the learned position table "
                 f"(model.max_position_embeddings={self.max_positions}); use at most {self.max_positions} tokens "
-                "or a rotary/sinusoidal scheme"
+                f"or a scheme without a length limit ({', '.join(self.unbounded)})"
             )
         return embeddings + self.position_embeddings(position_ids)
 
 
+def relative_bias(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, per_offset: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """A score bias that depends on key - query only: per_offset(offsets) maps offsets (...) to (..., nh) values.
+
+    Positions (T,) or (B, T); returns (1 or B, nh, T_q, T_k). When both are runs of consecutive positions (every
+    forward pass but one with explicit position ids), the bias is constant along diagonals: each of the
+    T_q + T_k - 1 offsets is computed once and laid out as views, instead of T_q x T_k times (T5's buckets and
+    their table's gradient cost a quarter of a CPU training step otherwise).
+    """
+    if _consecutive(query_positions) and _consecutive(key_positions):
+        num_queries, num_keys = len(query_positions), len(key_positions)
+        smallest = int(key_positions[0]) - int(query_positions[-1])  # the last query against the first key
+        offsets = torch.arange(smallest, smallest + num_queries + num_keys - 1, device=key_positions.device)
+        values = per_offset(offsets).t()  # (nh, T_q + T_k - 1)
+        # windows[h, a, j] = values[h, a + j] is the offset of key j from query T_q - 1 - a: flip the queries
+        return values.unfold(-1, num_keys, 1).flip(-2).unsqueeze(0)
+    relative = key_positions.unsqueeze(-2) - query_positions.unsqueeze(-1)  # (T_q, T_k) or (B, T_q, T_k)
+    bias = per_offset(relative).movedim(-1, -3)  # (..., nh, T_q, T_k)
+    return bias.unsqueeze(0) if bias.dim() == 3 else bias
+
+
+def _consecutive(positions: torch.Tensor) -> bool:
+    return positions.dim() == 1 and (len(positions) < 2 or bool((positions.diff() == 1).all()))
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Press et al. (2022): for n heads a power of two, the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8).
+    Otherwise, as their code does: the slopes of the power of two just below n, then every other slope of twice
+    that power for the rest. Returns (num_heads,) float64."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+
+    def geometric(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    slopes = geometric(closest) + geometric(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+class ALiBiPositions(PositionScheme):
+    """ALiBi (Press et al. 2022): no embedding, a bias -m_h * distance on every head's attention scores.
+
+    The decoder uses the paper's causal form, -m_h * (i - j) for keys j <= i. The bidirectional encoder uses the
+    symmetric variant, -m_h * |i - j| for keys on either side, as MosaicBERT does: a query cannot tell a key
+    before it from one after it at the same distance except through the content. No maximum length.
+    """
+
+    name = "alibi"
+    score_bias = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.register_buffer("slopes", alibi_slopes(cfg.num_heads).float(), persistent=False)
+
+    def bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool) -> torch.Tensor:
+        # |i - j| for both: under the causal mask, the keys a decoder query sees are j <= i, where they agree
+        return relative_bias(query_positions, key_positions, lambda offset: offset.abs().unsqueeze(-1) * -self.slopes)
+
+
+def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of each key - query offset (Raffel et al. 2020; transformers' `_relative_position_bucket`).
+
+    Bidirectional: half the buckets for keys after the query, half for the others. Causal: every bucket for keys
+    at or before the query (later keys share bucket 0, and the causal mask hides them). Within a direction, half
+    the buckets are exact distances 0..max_exact-1, the rest logarithmically wider up to max_distance, beyond
+    which all share the last bucket.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp_min(0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = torch.log(distance.float().clamp_min(1) / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp_max(num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class T5RelativePositions(PositionScheme):
+    """T5's learned relative position bias: one scalar per head and bucket of key - query offsets, added to the
+    scores of every layer of a stack (shared across layers, as in T5). The encoder's bias is bidirectional; an
+    encoder-decoder has a second table for its decoder's causal self-attention, as T5 does. No maximum length:
+    offsets past `relative_attention_max_distance` share the last bucket."""
+
+    name = "t5_relative"
+    score_bias = True
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+        self.relative_attention_bias = nn.Embedding(self.num_buckets, cfg.num_heads)
+        # only where there is a decoder: a parameter without gradient would upset distributed training
+        self.decoder_relative_attention_bias = (
+            nn.Embedding(self.num_buckets, cfg.num_heads) if cfg.num_decoder_layers else None
+        )
+
+    @classmethod
+    def validate(cls, cfg: ModelConfig) -> None:
+        super().validate(cfg)
+        buckets, distance = cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        if buckets < 4 or buckets % 2:
+            raise ConfigError(
+                f"model.relative_attention_num_buckets={buckets} must be even and at least 4 (half per direction, "
+                "half of those exact)"
+            )
+        if distance <= buckets // 2:
+            raise ConfigError(
+                f"model.relative_attention_max_distance={distance} must exceed half of "
+                f"model.relative_attention_num_buckets ({buckets // 2}), the exact distances"
+            )
+
+    def bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool) -> torch.Tensor:
+        table = self.decoder_relative_attention_bias if causal else self.relative_attention_bias
+        if table is None:
+            raise ValueError("this model has no decoder: no causal T5 relative bias table")
+        return relative_bias(
+            query_positions,
+            key_positions,
+            lambda offset: table(t5_bucket(offset, not causal, self.num_buckets, self.max_distance)).float(),
+        )
+
+
 POSITION_SCHEMES: dict[str, type[PositionScheme]] = {
-    "rotary": RotaryPositions,
-    "sinusoidal": SinusoidalPositions,
-    "learned": LearnedPositions,
-    "none": NoPositions,
+    scheme.name: scheme
+    for scheme in (
+        RotaryPositions,
+        SinusoidalPositions,
+        LearnedPositions,
+        ALiBiPositions,
+        T5RelativePositions,
+        NoPositions,
+    )
 }
 
 
+def scheme_class(name: str) -> type[PositionScheme]:
+    """The scheme registered as `name`; a ConfigError naming the allowed ones otherwise."""
+    if name not in POSITION_SCHEMES:
+        raise ConfigError(f"model.position={name!r} is not allowed; expected {' | '.join(map(repr, POSITION_SCHEMES))}")
+    return POSITION_SCHEMES[name]
+
+
 def build_position_scheme(cfg: ModelConfig) -> PositionScheme:
-    return POSITION_SCHEMES[cfg.position](cfg)
+    return scheme_class(cfg.position)(cfg)

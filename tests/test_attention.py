@@ -1,21 +1,14 @@
-"""Multi-head attention: SDPA against eager, attention weights, the KV cache, unrotated cross-attention."""
+"""Multi-head attention: SDPA against eager, attention weights, decoding with the KV cache, cross-attention without
+positions. The kernels themselves, one by one against the eager reference: tests/test_kernels.py."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 import roformer
-import roformer.attention
-from roformer.attention import (
-    KVCache,
-    MultiHeadAttention,
-    chunked_attention,
-    eager_attention,
-    single_query_attention,
-)
-from roformer.dropout import drop_mask, dropout_attention
+from roformer.attention import MultiHeadAttention, eager_attention
 from roformer.modeling import causal_mask, combine_masks, padding_mask
-from roformer.positions import NO_ROPE, Rope, rope_cos_sin, rope_inv_freq
+from roformer.positions import NO_POSITIONS, PositionContext, Rope, rope_cos_sin, rope_inv_freq
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -45,9 +38,9 @@ def assert_same_values_and_grads(actual, expected, inputs):
         assert_close(a, e)
 
 
-def _rope(length: int, head_dim: int = 8, pairing: str = "interleaved", offset: int = 0) -> Rope:
+def _rope(length: int, head_dim: int = 8, pairing: str = "interleaved", offset: int = 0) -> PositionContext:
     cos, sin = rope_cos_sin(torch.arange(offset, offset + length), rope_inv_freq(head_dim), pairing)
-    return Rope(cos, sin, pairing)
+    return PositionContext(Rope(cos, sin, pairing))
 
 
 def _pair(tiny_config, **overrides) -> tuple[MultiHeadAttention, MultiHeadAttention]:
@@ -76,7 +69,7 @@ def test_sdpa_matches_eager(tiny_config, mask_name, rotary, rotary_value):
     sdpa, eager = _pair(tiny_config, rotary_value=rotary_value)
     x = torch.randn(B, T, 32)
     mask = MASKS[mask_name]()
-    rope = _rope(T) if rotary else NO_ROPE
+    rope = _rope(T) if rotary else NO_POSITIONS
     expected, _ = eager(x, mask, rope)
     actual, weights = sdpa(x, mask, rope)
     assert weights is None  # the fused kernel has no weights to give unless asked
@@ -129,95 +122,9 @@ def test_eager_attention_is_softmax_of_scaled_scores():
     assert_close(out, expected @ v)
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-@pytest.mark.parametrize("padded", [False, True])
-def test_single_query_attention_equals_sdpa_on_repeated_keys(groups, padded):
-    """One query per row; each row of keys serves `groups` consecutive query rows (the beams of one sentence)."""
-    q = torch.randn(B * groups, 4, 1, 8)
-    k, v = torch.randn(2, B, 4, T, 8).unbind(0)
-    mask = padding_mask(_padding()) if padded else None
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q,
-        k.repeat_interleave(groups, 0),
-        v.repeat_interleave(groups, 0),
-        attn_mask=None if mask is None else mask.repeat_interleave(groups, 0),
-    )
-    assert_close(single_query_attention(q, k, v, mask), expected)
-
-
-@pytest.mark.parametrize("mask_name", list(MASKS))
-def test_chunked_attention_equals_sdpa(mask_name):
-    q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
-    mask = MASKS[mask_name]()
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    actual = chunked_attention(q, k, v, mask, 0.0, chunk_size=4)  # 4 does not divide T = 9
-    assert_same_values_and_grads(actual, expected, (q, k, v))
-
-
-def test_chunked_attention_backward_replays_the_dropout_mask():
-    """Recomputed in backward, each chunk must draw the dropout mask it drew in forward."""
-    q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
-    mask = MASKS["padding"]()
-    torch.manual_seed(5)
-    actual = chunked_attention(q, k, v, mask, 0.5, chunk_size=4)
-    grads = torch.autograd.grad(actual, (q, k, v), torch.ones_like(actual))
-    torch.manual_seed(5)  # the same chunks without recomputation
-    expected = torch.cat([dropout_attention(q[..., s : s + 4, :], k, v, mask, 0.5) for s in range(0, T, 4)], dim=-2)
-    assert_close(actual, expected)
-    for a, e in zip(grads, torch.autograd.grad(expected, (q, k, v), torch.ones_like(expected))):
-        assert_close(a, e)
-
-
-def test_long_cpu_training_with_dropout_attends_in_chunks(tiny_config, monkeypatch):
-    calls = []
-    monkeypatch.setattr(roformer.attention, "QUERY_CHUNK", 4)
-    monkeypatch.setattr(roformer.attention, "chunked_attention", lambda *a: calls.append(a) or chunked_attention(*a))
-    model = roformer.RoFormerForMaskedLM(tiny_config(attention_dropout=0.1))
-    ids = torch.randint(1, 97, (B, T))
-    model(ids, _padding()).logits.sum().backward()
-    assert len(calls) == 2 and calls[0][-1] == 4  # every layer, in chunks of 4
-    model.eval()
-    model(ids)  # no dropout: the fused kernel
-    with torch.no_grad():
-        model.train()(ids)  # no backward to come: nothing to save
-    assert len(calls) == 2
-
-
 # --------------------------------------------------------------------------------------------------
 # KV cache and decoding
 # --------------------------------------------------------------------------------------------------
-
-
-def test_kv_cache_appends_and_reorders():
-    cache = KVCache()
-    assert cache.length == 0
-    k1, v1 = torch.randn(2, 2, 3, 1, 4).unbind(0)
-    k2, v2 = torch.randn(2, 2, 3, 2, 4).unbind(0)
-    cache.append(k1, v1)
-    key, value = cache.append(k2, v2)
-    assert cache.length == 3
-    assert_close(key, torch.cat((k1, k2), dim=2))
-    assert_close(value, torch.cat((v1, v2), dim=2))
-    cache.reorder(torch.tensor([1, 1]))
-    assert_close(cache.key[0], key[1])
-    assert_close(cache.value[1], value[1])
-
-
-def test_kv_cache_grows_and_reorders_in_its_buffers_like_concatenation():
-    """Past its first capacity, through reorders into the spare buffer and a batch that shrinks, the cache holds
-    what concatenating and index-selecting tensors would."""
-    cache, key, value = KVCache(), torch.empty(4, 2, 0, 3), torch.empty(4, 2, 0, 3)
-    gen = torch.Generator().manual_seed(0)
-    for step in range(40):
-        new_key, new_value = torch.randn(2, key.shape[0], 2, 1, 3, generator=gen).unbind(0)
-        key, value = torch.cat((key, new_key), dim=2), torch.cat((value, new_value), dim=2)
-        cached_key, cached_value = cache.append(new_key, new_value)
-        assert torch.equal(cached_key, key) and torch.equal(cached_value, value)
-        rows = torch.randint(0, key.shape[0], (key.shape[0] - (step == 30),), generator=gen)  # one row fewer once
-        key, value = key[rows], value[rows]
-        cache.reorder(rows)
-        assert torch.equal(cache.key, key) and torch.equal(cache.value, value)
-    assert cache.length == 40
 
 
 def _seq2seq(tiny_config, **overrides) -> roformer.RoFormerForSeq2SeqLM:
@@ -302,7 +209,7 @@ def test_source_padding_is_invisible_to_the_decoder(tiny_config):
 
 
 # --------------------------------------------------------------------------------------------------
-# Cross-attention is not rotated
+# Cross-attention has no positions
 # --------------------------------------------------------------------------------------------------
 
 
@@ -310,12 +217,12 @@ def test_cross_attention_ignores_rope(tiny_config):
     cross = MultiHeadAttention(tiny_config(rotary_value=True), cross=True).eval()
     x, context = torch.randn(B, T, 32), torch.randn(B, 5, 32)
     plain, _ = cross(x, context=context)
-    rotated, _ = cross(x, rope=_rope(T, offset=11), context=context)
+    rotated, _ = cross(x, positions=_rope(T, offset=11), context=context)
     assert_close(rotated, plain, atol=0, rtol=0)
     # control: the same weights as self-attention do change with the rotation
     self_attn = MultiHeadAttention(tiny_config()).eval()
     self_attn.load_state_dict(cross.state_dict())
-    assert not torch.allclose(self_attn(x, rope=_rope(T, offset=11))[0], self_attn(x)[0], atol=1e-4)
+    assert not torch.allclose(self_attn(x, positions=_rope(T, offset=11))[0], self_attn(x)[0], atol=1e-4)
 
 
 def test_seq2seq_cross_attention_sees_the_memory_unrotated(tiny_config):
@@ -334,68 +241,3 @@ def test_seq2seq_cross_attention_sees_the_memory_unrotated(tiny_config):
         q, k, v = attn._heads(attn.query(x)), attn._heads(attn.key(context)), attn._heads(attn.value(context))
         expected = attn.out(torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, -1).matmul(v).transpose(1, 2).flatten(2))
     assert_close(seen["out"][0], expected, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("mask_name", list(MASKS))
-def test_dropout_attention_is_sdpa_with_the_drawn_mask(mask_name):
-    """Forward and the hand-written backward against autograd through the same maths and the same drop mask."""
-    q, k, v = (t.double().requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
-    mask = MASKS[mask_name]()
-    torch.manual_seed(3)
-    actual = dropout_attention(q, k, v, mask, 0.2)
-    torch.manual_seed(3)
-    drop, p = drop_mask((B, 4, T, T), 0.2, q.device)
-    scores = q @ k.transpose(-2, -1) / 8**0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    expected = (torch.softmax(scores, dim=-1).masked_fill(drop, 0.0) / (1 - p)) @ v
-    assert_same_values_and_grads(actual, expected, (q, k, v))
-
-
-def test_dropout_attention_without_dropout_is_sdpa():
-    q, k, v = (t.requires_grad_() for t in torch.randn(3, B, 4, T, 8).unbind(0))
-    mask = MASKS["padding"]()
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    actual = dropout_attention(q, k, v, mask, 0.0)
-    assert_same_values_and_grads(actual, expected, (q, k, v))
-
-
-def test_drop_mask_rate_and_unbiased_output():
-    torch.manual_seed(0)
-    drop, p = drop_mask((1000, 1000), 0.1, torch.device("cpu"))
-    assert abs(p - 0.1) < 1e-5  # quantised to 1/65536
-    assert abs(drop.float().mean().item() - p) < 2e-3  # 1e6 draws: the standard error is 3e-4
-    lanes = drop.view(-1, 4).float().mean(dim=0)  # each 16-bit quarter of a 64-bit draw, sign bit included
-    assert (lanes - p).abs().max() < 4e-3, lanes
-    v = torch.randn(1, 1, 64, 16)
-    q, k = torch.zeros(1, 1, 2000, 16), torch.zeros(1, 1, 64, 16)  # uniform weights 1/64 over the keys
-    out = dropout_attention(q, k, v, None, 0.1)
-    assert_close(out.mean(dim=2), v.mean(dim=2), atol=0.02, rtol=0)  # the 1/(1-p) scaling keeps the mean
-
-
-def test_training_on_cpu_uses_the_lean_dropout_attention(tiny_config, monkeypatch):
-    calls = []
-    monkeypatch.setattr(roformer.attention, "dropout_attention", lambda *a: calls.append(a) or a[0])
-    attn = MultiHeadAttention(tiny_config(attention_dropout=0.1)).train()
-    attn(torch.randn(B, T, 32))
-    assert len(calls) == 1
-    with torch.no_grad():
-        attn(torch.randn(B, T, 32))  # inference: SDPA
-    attn.eval()(torch.randn(B, T, 32))
-    assert len(calls) == 1
-
-
-def test_cpu_training_dropout_module():
-    """roformer.dropout.Dropout: the same expectation as nn.Dropout, its mask reused by backward, identity in eval."""
-    from roformer.dropout import Dropout
-
-    layer = Dropout(0.25).train()
-    x = torch.ones(200, 500, requires_grad=True)
-    torch.manual_seed(1)
-    out = layer(x)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.75) < 0.01
-    assert_close(out[kept], torch.full_like(out[kept], 1 / 0.75), rtol=1e-4, atol=0)
-    (grad,) = torch.autograd.grad(out.sum(), x)
-    assert torch.equal(grad != 0, kept)
-    assert torch.equal(layer.eval()(x), x)

@@ -92,7 +92,7 @@ def test_defaults_without_a_file():
         ("  num_layers: six", "model.num_layers", "int"),  # wrong type
         ("  num_layers: 2.5", "model.num_layers", "int"),
         ("  tie_word_embeddings: 1", "model.tie_word_embeddings", "bool"),
-        ("  position: alibi", "model.position", "'rotary'"),  # bad choice: the choices are listed
+        ("  position: xpos", "model.position", "'rotary'"),  # bad choice: the choices are listed
         ("  rotary_pairing: adjacent", "model.rotary_pairing", "'interleaved'"),
     ],
 )
@@ -110,7 +110,7 @@ def test_errors_in_the_file_name_the_key_and_the_file(recipe, line, key, hint):
     [
         ("model.positon=rotary", "model.positon", "position"),
         ("train.max_steps=lots", "train.max_steps", "int"),
-        ("model.position=alibi", "model.position", "'learned'"),
+        ("model.position=xpos", "model.position", "'learned'"),
         ("data.mlm_probability=high", "data.mlm_probability", "float"),
         ("nonsense=1", "nonsense", "output_dir"),
     ],

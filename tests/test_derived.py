@@ -1,10 +1,10 @@
-"""Tensors derived from parameters and kept between inference calls (roformer.derived)."""
+"""Tensors derived from parameters and kept between inference calls (roformer.kernels.derived)."""
 
 import torch
 from torch.testing import assert_close
 
 import roformer
-from roformer.derived import derived
+from roformer.kernels.derived import derived
 
 
 def test_kept_while_sources_are_unchanged_and_rebuilt_after_an_in_place_update():

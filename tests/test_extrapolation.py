@@ -1,6 +1,7 @@
 """Length extrapolation on two tiny real runs (rotary and learned), trained for a few steps."""
 
 import pytest
+from conftest import ROOT, SHARED_DATA
 
 from roformer.cli import main
 from roformer.extrapolation import evaluate_lengths, format_rows
@@ -63,3 +64,33 @@ def test_extrapolate_command_prints_the_table_and_writes_the_plot(runs, tmp_path
     )
     assert "| rotary | rotary | ntk |" in capsys.readouterr().out
     assert out.stat().st_size > 10_000
+
+
+def test_demo_compare_and_extrapolate_take_the_score_bias_schemes(tmp_path, capsys):
+    """Smoke test: `roformer demo` trains alibi and t5_relative, `compare` tables them, `extrapolate` evaluates
+    them at twice their length (no scaling applies to them, no table limits them)."""
+    tiny = [
+        "data.corpus=files",
+        f"data.train_files={SHARED_DATA / 'text' / 'tiny_shakespeare.txt'}",
+        "data.max_documents=600",
+        "data.tokenizer_vocab_size=500",
+        "data.max_seq_length=32",
+        "model.hidden_size=32",
+        "model.num_layers=1",
+        "model.num_heads=2",
+        "model.intermediate_size=64",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.per_device_batch_size=8",
+        "train.log_every=1",
+        "train.log_with=none",
+    ]
+    recipe = str(ROOT / "configs" / "pretrain" / "tiny.yaml")
+    demo = ["demo", *tiny, "--output_dir", str(tmp_path), "--config", recipe, "--schemes", "alibi", "t5_relative"]
+    assert main(demo) == 0
+    runs = [str(tmp_path / "alibi"), str(tmp_path / "t5_relative")]
+    assert main(["compare", *runs, "--out", str(tmp_path / "curves.png")]) == 0
+    assert main(["extrapolate", *runs, "--factors", "1", "2", "--max_tokens", "256"]) == 0
+    table = capsys.readouterr().out
+    assert "| alibi | alibi | none |" in table and "| t5_relative | t5_relative | none |" in table
+    assert "n/a" not in table.split("| alibi | alibi | none |")[1]

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from roformer import ModelConfig, RoFormerForSeq2SeqLM
+from roformer import POSITION_SCHEMES, ConfigError, ModelConfig, RoFormerForSeq2SeqLM
+from roformer.config import GenerationConfig, TranslationDataConfig
 from roformer.generation import NEG_INF, beam_search, generate, greedy_search, topk_by_blocks
 from roformer.modeling import ModelOutput
 
@@ -105,7 +106,7 @@ def test_beam_one_equals_greedy(position):
     assert_close(beam.scores, greedy.scores)
 
 
-@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "learned", "none"])
+@pytest.mark.parametrize("position", list(POSITION_SCHEMES))
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_cached_decoding_matches_recomputing_the_prefix(position, beam_size):
     """The KV cache (decoder keys/values appended, source keys/values computed once, both reordered as beams
@@ -162,7 +163,7 @@ def test_a_beam_holding_every_prefix_finds_the_most_probable_translation():
         best = int(totals.argmax())
         assert found.tokens[row] == [int(first[best]), int(second[best])]
         assert_close(found.scores[row], totals[best], atol=1e-4, rtol=1e-4)
-    assert bool((found.scores >= greedy.scores - 1e-5).all())
+    assert bool((found.scores >= greedy.scores - 1e-4).all())  # float32 sums of ~30 in another order: 1e-4
 
 
 def test_length_limits():
@@ -191,3 +192,25 @@ def test_topk_by_blocks_equals_topk(width):
     assert torch.equal(values, expected_values)
     assert torch.equal(index[[0, 1, 2, 4, 5]], expected_index[[0, 1, 2, 4, 5]])
     assert torch.equal(scores.gather(1, index), values)  # -inf ties may pick other columns, of equal value
+
+
+def test_one_generation_config_holds_the_decoding_defaults():
+    """generate, beam search, BLEU evaluation, the CLI and the translation recipe share GenerationConfig."""
+    assert TranslationDataConfig().generation() == GenerationConfig()
+    recipe = TranslationDataConfig(beam_size=5, length_penalty=1.0, max_len_a=1.2, max_len_b=10)
+    assert recipe.generation(beam_size=1) == GenerationConfig(1, 1.0, 1.2, 10)
+    model, (ids, mask) = random_model(), sources()
+    config = GenerationConfig(beam_size=3, length_penalty=1.0, max_len_b=9)
+    by_config = generate(model, ids, mask, config, **IDS)
+    by_keywords = beam_search(model, ids, mask, beam_size=3, length_penalty=1.0, max_len_b=9, **IDS)
+    assert by_config.tokens == by_keywords.tokens and torch.equal(by_config.scores, by_keywords.scores)
+    overridden = generate(model, ids, mask, config, beam_size=1, **IDS)  # a keyword overrides the config's field
+    assert overridden.tokens == greedy_search(model, ids, mask, length_penalty=1.0, max_len_b=9, **IDS).tokens
+    with pytest.raises(ConfigError, match="beam_size must be at least 1"):
+        GenerationConfig(beam_size=0)
+    with pytest.raises(TypeError):
+        generate(model, ids, mask, beam=4, **IDS)  # not a setting: refused, never ignored
+    from roformer.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate-bleu", "--src", "s", "--ref", "r"])
+    assert (args.beam, args.lenpen, args.max_len_a, args.max_len_b) == (None,) * 4  # GenerationConfig decides

@@ -179,6 +179,11 @@ def test_unsupported_transformers_class():
     [
         (dict(position="sinusoidal"), "position='sinusoidal'"),
         (dict(position="none"), "position='none'"),
+        (
+            dict(position="alibi"),
+            "position='alibi' has no transformers equivalent (rotary -> roformer, learned -> bert)",
+        ),
+        (dict(position="t5_relative"), "position='t5_relative' has no transformers equivalent"),
         (dict(rotary_pairing="half"), "'half'"),
         (dict(rope_scaling="linear", rope_scaling_factor=2.0), "scaling"),
         (dict(attention="linear"), "softmax"),

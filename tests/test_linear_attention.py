@@ -13,7 +13,7 @@ from roformer.linear_attention import (
     linear_attention_quadratic,
 )
 from roformer.modeling import causal_mask, padding_mask
-from roformer.positions import NO_ROPE, Rope, RotaryPositions, rope_cos_sin, rope_inv_freq
+from roformer.positions import NO_ROPE, PositionContext, Rope, RotaryPositions, rope_cos_sin, rope_inv_freq
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -126,7 +126,7 @@ def test_module_matches_reference_with_padding(tiny_config, feature_map):
     attention_mask = torch.ones(B, T, dtype=torch.long)
     attention_mask[0, 10:] = 0
     rope = RotaryPositions(tiny_config()).rope(torch.arange(T))
-    out, weights = attn(x, padding_mask(attention_mask), rope)
+    out, weights = attn(x, padding_mask(attention_mask), PositionContext(rope))
     assert weights is None and out.shape == (B, T, 32)
     q, k, v = (attn._heads(proj(x)) for proj in (attn.query, attn.key, attn.value))
     key_mask = attention_mask[:, None, :, None].float()
@@ -139,7 +139,7 @@ def test_module_reads_a_causal_mask_as_causal(tiny_config):
     attn = LinearMultiHeadAttention(tiny_config(attention="linear")).eval()
     x = torch.randn(B, T, 32)
     rope = RotaryPositions(tiny_config()).rope(torch.arange(T))
-    out, _ = attn(x, causal_mask(T, T, x.device), rope)
+    out, _ = attn(x, causal_mask(T, T, x.device), PositionContext(rope))
     q, k, v = (attn._heads(proj(x)) for proj in (attn.query, attn.key, attn.value))
     ref = linear_attention_quadratic(attn.phi(q, True), attn.phi(k, False), v, rope, causal=True)
     assert_close(out, attn.out(ref.transpose(1, 2).flatten(2)), atol=1e-5, rtol=1e-5)
@@ -150,3 +150,9 @@ def test_linear_attention_refuses_a_kv_cache(tiny_config):
     memory = model.encode(torch.randint(1, 97, (1, 5)))
     with pytest.raises(NotImplementedError, match="KV cache"):
         model.decode(torch.randint(1, 97, (1, 1)), memory, caches=model.new_caches())
+
+
+@pytest.mark.parametrize("position", ["alibi", "t5_relative"])
+def test_linear_attention_refuses_score_bias_schemes(tiny_config, position):
+    with pytest.raises(roformer.ConfigError, match=f"model.position='{position}' adds a bias to the attention scores"):
+        tiny_config(attention="linear", position=position)

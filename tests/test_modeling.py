@@ -79,7 +79,7 @@ def test_forward_backward(tiny_config, variant, head):
         assert grads[next(n for n in grads if "position_embeddings" in n)].abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["rotary", "learned", "none"])
+@pytest.mark.parametrize("variant", ["rotary", "learned", "alibi", "t5_relative", "none"])
 def test_mlm_loss_on_masked_positions_equals_full_cross_entropy(tiny_config, variant):
     model = roformer.RoFormerForMaskedLM(tiny_config(**VARIANTS[variant])).eval()
     input_ids = torch.randint(1, V, (B, T))
@@ -94,7 +94,7 @@ def test_mlm_loss_on_masked_positions_equals_full_cross_entropy(tiny_config, var
     assert_close(labelled.logits, full[labels != -100])
 
 
-@pytest.mark.parametrize("variant", ["rotary", "half", "sinusoidal"])
+@pytest.mark.parametrize("variant", ["rotary", "half", "sinusoidal", "alibi", "t5_relative"])
 def test_mlm_last_layer_at_masked_positions_only_keeps_the_gradients(tiny_config, variant):
     """With labels the last layer runs for the masked positions only: the same loss and gradients as the full
     forward, also with per-sequence position ids (the RoPE angles are gathered per row)."""

@@ -1,21 +1,29 @@
 """RoPE invariants (paper sec. 3.2-3.4), context-extension scalings, and the additive tables."""
 
 import math
+import re
+import typing
+from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 import roformer
+from roformer.config import load_config
+from roformer.errors import ConfigError
 from roformer.positions import (
+    ALiBiPositions,
     Rope,
     RotaryPositions,
+    alibi_slopes,
     apply_rope,
     rope_cos_sin,
     rope_inv_freq,
     rotate_pairs,
     scaled_inv_freq,
     sinusoidal_table,
+    t5_bucket,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -334,13 +342,234 @@ def test_learned_positions_refuse_sequences_longer_than_the_table(tiny_config):
     assert model(torch.randint(1, 97, (1, 16))).logits.shape == (1, 16, 97)
     with pytest.raises(roformer.SequenceTooLongError, match="max_position_embeddings=16"):
         model(torch.randint(1, 97, (1, 17)))
+    with pytest.raises(roformer.SequenceTooLongError, match="rotary, sinusoidal, alibi, t5_relative, none"):
+        model(torch.randint(1, 97, (1, 17)))
 
 
-@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "none"])
+@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "alibi", "t5_relative", "none"])
 def test_other_schemes_have_no_maximum_length(tiny_config, position):
     model = roformer.RoFormerForMaskedLM(tiny_config(position=position, max_position_embeddings=16))
     assert model(torch.randint(1, 97, (1, 40))).logits.shape == (1, 40, 97)
 
 
 def test_every_scheme_is_registered():
-    assert set(roformer.POSITION_SCHEMES) == {"rotary", "sinusoidal", "learned", "none"}
+    assert set(roformer.POSITION_SCHEMES) == {"rotary", "sinusoidal", "learned", "alibi", "t5_relative", "none"}
+    assert typing.get_args(typing.get_type_hints(roformer.ModelConfig)["position"]) == tuple(roformer.POSITION_SCHEMES)
+    assert all(cls.name == name for name, cls in roformer.POSITION_SCHEMES.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# A scheme owns its facts
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", list(roformer.POSITION_SCHEMES))
+def test_scheme_facts_reach_the_config(tiny_config, position):
+    scheme = roformer.POSITION_SCHEMES[position]
+    cfg = tiny_config(position=position)
+    assert cfg.scale_embeddings == (position == "sinusoidal") == scheme.scales_embeddings
+    assert scheme.max_length(cfg) == (64 if position == "learned" else None)
+    assert ("yarn" in scheme.rope_scalings) == (position == "rotary")
+    assert scheme.transformers_family == {"rotary": "roformer", "learned": "bert"}.get(position)
+    assert scheme.score_bias == (position in ("alibi", "t5_relative"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(position="alibi", attention="linear"), "model.position='alibi' adds a bias to the attention scores"),
+        (dict(position="t5_relative", attention="linear"), "attention=softmax"),
+        (dict(position="learned", rope_scaling="yarn"), "model.rope_scaling='yarn' does not apply"),
+        (dict(position="alibi", rope_scaling="linear"), "allowed: none"),
+        (dict(position="t5_relative", relative_attention_num_buckets=7), "must be even and at least 4"),
+        (dict(position="t5_relative", relative_attention_max_distance=16), "must exceed half"),
+        (dict(position="rotary", hidden_size=36, num_heads=4), "even head size"),
+    ],
+)
+def test_schemes_validate_the_config(tiny_config, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_config(**overrides)
+
+
+def test_the_config_names_the_registered_schemes():
+    with pytest.raises(ConfigError, match="expected 'rotary' | 'sinusoidal' | 'learned' | 'alibi' | 't5_relative'"):
+        load_config(None, ["model.position=xpos"])
+    with pytest.raises(ConfigError, match=r"data.max_seq_length=128 is longer than model.position='learned' allows"):
+        load_config(None, ["model.position=learned", "model.max_position_embeddings=64"])
+    assert load_config(None, ["model.position=alibi", "model.max_position_embeddings=64"]).model.position == "alibi"
+
+
+SCHEME_NAMES = "|".join(n for n in roformer.POSITION_SCHEMES if n != "none")  # "none" is also a scaling, a tracker
+BRANCHING = [
+    re.compile(r"\b\w*(position|scheme)\w*\s*(==|!=|\bin\b|\bnot in\b)\s*[\"'(\[{]"),  # position == "rotary"
+    re.compile(rf"(==|!=)\s*[\"']({SCHEME_NAMES})[\"']|[\"']({SCHEME_NAMES})[\"']\s*(==|!=)"),  # x == "alibi"
+    re.compile(rf"\bin\s*[(\[{{]\s*[\"']({SCHEME_NAMES})[\"']"),  # x in ("rotary", ...)
+    re.compile(rf"[{{,]\s*[\"']({SCHEME_NAMES})[\"']\s*:"),  # {"rotary": ...}: a table keyed by a scheme's name
+]
+
+
+def _branches(line: str) -> bool:
+    code = line.split("#")[0]
+    return any(pattern.search(code) for pattern in BRANCHING)
+
+
+def test_the_branching_patterns_catch_a_branch():
+    branches = [
+        'if cfg.position == "rotary":',
+        "if model.position != 'learned':",
+        'for s in scalings if scheme == "rotary" else ("none",):',
+        'if name in ("alibi", "x"):',
+        'FAMILY = {"rotary": "roformer", "learned": "bert"}',
+        'ok = "learned" == kind',
+    ]
+    fine = ['if scaling == "none":', 'position: PositionName = "rotary"', 'x = 1  # position == "rotary"']
+    assert [line for line in branches if not _branches(line)] == []
+    assert [line for line in fine if _branches(line)] == []
+
+
+def test_no_module_outside_positions_branches_on_a_scheme_name():
+    """A scheme's facts live in its class: nothing else compares `position` (or a scheme) to a name."""
+    package = Path(roformer.__file__).parent
+    found = [
+        f"{path.relative_to(package.parent)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "positions.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _branches(line)
+    ]
+    assert not found, "\n".join(found)
+
+
+# --------------------------------------------------------------------------------------------------
+# Score-bias schemes: ALiBi and T5 relative buckets
+# --------------------------------------------------------------------------------------------------
+
+
+def test_alibi_slopes_are_the_papers():
+    """Press et al.: 2^(-8/n * h) for h = 1..n heads; otherwise the power of two below, then every other slope of
+    twice it (their reference code's rule)."""
+    assert alibi_slopes(8).tolist() == [2.0**-h for h in range(1, 9)]  # 1/2, 1/4, ..., 1/256
+    assert alibi_slopes(16).tolist() == pytest.approx([2.0 ** (-h / 2) for h in range(1, 17)])
+    assert alibi_slopes(12).tolist() == pytest.approx(
+        [2.0**-h for h in range(1, 9)] + [2**-0.5, 2**-1.5, 2**-2.5, 2**-3.5]
+    )
+    assert alibi_slopes(6).tolist() == pytest.approx([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3])
+    assert alibi_slopes(1).tolist() == [2.0**-8]
+
+
+def test_alibi_bias_is_minus_slope_times_distance(tiny_config):
+    scheme = ALiBiPositions(tiny_config(position="alibi"))  # 4 heads: slopes 1/4, 1/16, 1/64, 1/256
+    positions = torch.arange(6)
+    bias = scheme.bias(positions, positions, causal=False)
+    assert bias.shape == (1, 4, 6, 6)
+    for h, slope in enumerate([2**-2, 2**-4, 2**-6, 2**-8]):
+        for i, j in [(0, 0), (0, 5), (5, 0), (2, 4), (4, 2)]:
+            assert bias[0, h, i, j].item() == pytest.approx(-slope * abs(i - j))  # symmetric (MosaicBERT)
+    # a decoding step: query at position 5 against keys 0..5; causal and symmetric agree on the keys it sees
+    step = scheme.bias(positions[5:], positions, causal=True)
+    assert_close(step, bias[:, :, 5:])
+    # per-row positions give per-row biases
+    assert scheme.bias(positions.expand(3, 6), positions.expand(3, 6), False).shape == (3, 4, 6, 6)
+
+
+def _t5_bucket_reference(offset: int, bidirectional: bool, num_buckets: int, max_distance: int) -> int:
+    """T5's bucketing written out for one offset (key - query), as in Mesh TensorFlow's `_relative_position_bucket`."""
+    bucket = 0
+    n = -offset  # mesh-tf's convention: n = query - key
+    if bidirectional:
+        num_buckets //= 2
+        if n < 0:
+            bucket += num_buckets
+        n = abs(n)
+    else:
+        n = max(n, 0)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return bucket + n
+    large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+    return bucket + min(large, num_buckets - 1)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize(("num_buckets", "max_distance"), [(32, 128), (8, 20), (4, 3)])
+def test_t5_buckets_equal_a_plain_reimplementation(bidirectional, num_buckets, max_distance):
+    offsets = torch.arange(-300, 301)
+    buckets = t5_bucket(offsets, bidirectional, num_buckets, max_distance)
+    expected = [_t5_bucket_reference(o, bidirectional, num_buckets, max_distance) for o in offsets.tolist()]
+    assert buckets.tolist() == expected
+    assert int(buckets.max()) == num_buckets - 1 and int(buckets.min()) == 0
+
+
+def test_t5_bias_is_one_table_per_stack_shared_by_its_layers(tiny_config):
+    mlm = roformer.RoFormerForMaskedLM(tiny_config(position="t5_relative"))
+    tables = [name for name, _ in mlm.named_parameters() if "relative_attention_bias" in name]
+    assert tables == ["roformer.embeddings.positions.relative_attention_bias.weight"]  # the encoder's only
+    seq2seq = roformer.RoFormerForSeq2SeqLM(tiny_config(position="t5_relative", num_decoder_layers=2))
+    tables = [name for name, _ in seq2seq.named_parameters() if "relative_attention_bias" in name]
+    assert len(tables) == 2  # T5: the encoder's (bidirectional) and the decoder's (causal)
+    scheme = seq2seq.embeddings.positions
+    positions = torch.arange(5)
+    encoder_bias = scheme.bias(positions, positions, causal=False)
+    buckets = t5_bucket(positions[None, :] - positions[:, None], True, 32, 128)
+    assert_close(encoder_bias[0], scheme.relative_attention_bias.weight[buckets].permute(2, 0, 1))
+    decoder_bias = scheme.bias(positions, positions, causal=True)
+    buckets = t5_bucket(positions[None, :] - positions[:, None], False, 32, 128)
+    assert_close(decoder_bias[0], scheme.decoder_relative_attention_bias.weight[buckets].permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["sdpa", "cpu-dropout-kernel"])
+def test_t5_bias_learns_through_every_layer(tiny_config, dropout):
+    """The table's gradient is the sum over layers: the same with the fast kernel as with the eager reference."""
+    grads = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = roformer.RoFormerForMaskedLM(
+            tiny_config(position="t5_relative", attention_impl=impl, attention_dropout=dropout, hidden_dropout=0.0)
+        )
+        ids = torch.randint(5, 97, (2, 12))
+        labels = torch.where(torch.rand(2, 12) < 0.3, ids, -100)
+        labels[:, 0] = ids[:, 0]
+        torch.manual_seed(1)
+        model(ids, labels=labels).loss.backward()
+        grads[impl] = model.roformer.embeddings.positions.relative_attention_bias.weight.grad
+    assert grads["sdpa"].abs().sum() > 0
+    if dropout == 0.0:  # with dropout, the kernels draw their masks differently
+        assert_close(grads["sdpa"], grads["eager"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["alibi", "t5_relative"])
+def test_score_bias_schemes_make_the_encoder_order_aware_without_embeddings(tiny_config, position):
+    model = roformer.RoFormerModel(tiny_config(position=position)).eval()
+    ids = torch.randint(5, 97, (1, 10))
+    with torch.no_grad():
+        plain = model(ids).last_hidden_state
+        swapped = model(ids[:, [1, 0, *range(2, 10)]]).last_hidden_state
+    assert not torch.allclose(plain[0, 5], swapped[0, 5], atol=1e-5)  # a token far from the swap still sees it
+
+
+@pytest.mark.parametrize("position", ["alibi", "t5_relative"])
+@pytest.mark.parametrize(("queries", "keys"), [((0, 9), (0, 9)), ((6, 9), (0, 9)), ((3, 4), (0, 4)), ((0, 1), (0, 1))])
+def test_diagonal_layout_of_the_bias_equals_every_pair_computed(tiny_config, position, queries, keys):
+    """Consecutive positions take the per-offset path (values laid out along diagonals); per-row positions compute
+    every pair. Both must agree, values and gradients, for the encoder and the causal decoder."""
+    scheme = roformer.POSITION_SCHEMES[position](tiny_config(position=position, num_decoder_layers=1))
+    for p in scheme.parameters():
+        torch.nn.init.normal_(p)
+    q, k = torch.arange(*queries), torch.arange(*keys)
+    for causal in (False, True):
+        fast = scheme.bias(q, k, causal)
+        every_pair = scheme.bias(q[None], k[None], causal)  # (1, T) rows: the general path
+        assert fast.shape == every_pair.shape == (1, 4, len(q), len(k))
+        assert_close(fast, every_pair, atol=0, rtol=0)
+        grad = torch.randn_like(fast)
+        params = list(scheme.parameters())
+        if params:
+            a = torch.autograd.grad(fast, params, grad, allow_unused=True)
+            b = torch.autograd.grad(every_pair, params, grad, allow_unused=True)
+            for x, y in zip(a, b):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    assert_close(x, y)
+    scattered = torch.tensor([0, 2, 3, 7])  # not consecutive: every pair
+    offset_5 = scheme.bias(torch.tensor([0]), torch.arange(6), False)[0, :, 0, 5]
+    assert_close(scheme.bias(scattered, scattered, False)[0, :, 1, 3], offset_5)  # 7 - 2

@@ -288,7 +288,7 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     [
         ("model.position=sinusoidal", "model.position='sinusoidal'"),
         ("model.hidden_size=64", "model.hidden_size=64"),
-        ("train.per_device_batch_size=4", "train.per_device_batch_size=4"),
+        ("train.per_device_batch_size=4", "train.global_batch_size=4"),  # the global batch follows from it
         ("data.max_seq_length=32", "data.max_seq_length=32"),
         ("train.max_steps=3", "train.max_steps=3 is below the step"),
     ],
@@ -559,10 +559,10 @@ def test_deepspeed_gets_the_runs_accumulation_and_clipping(monkeypatch):
     from roformer.trainer import our_deepspeed_settings
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")  # as the launcher passes a YAML's value
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "8")  # as the launcher passes a YAML's value
     monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")
     our_deepspeed_settings(tiny("unused", "train.gradient_accumulation_steps=4", "train.max_grad_norm=0.5").train)
-    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "1"  # the trainer accumulates micro-batches itself
     assert os.environ["ACCELERATE_GRADIENT_CLIPPING"] == "0.5"
 
 

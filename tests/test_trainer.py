@@ -241,7 +241,7 @@ def _write(path: Path, data: bytes) -> Path:
         (lambda d: [f"data.train_files={(d / 'nothing').mkdir() or d / 'nothing'}"], "directory has no .txt, .txt.gz"),
         (lambda d: ["model.position=learned", "data.max_seq_length=128"], "data.max_seq_length=128 is longer"),
         (lambda d: ["train.max_stepz=3"], "unknown key 'train.max_stepz'"),
-        (lambda d: ["model.position=alibi"], "model.position='alibi' is not allowed"),
+        (lambda d: ["model.position=xpos"], "model.position='xpos' is not allowed"),
     ],
     ids=["missing", "empty", "not-utf8", "empty-dir", "too-long-for-learned", "unknown-key", "bad-choice"],
 )

@@ -32,6 +32,7 @@ from roformer.config import GLUEDataConfig, RunConfig
 from roformer.errors import ConfigError, DataError
 from roformer.metrics import compute_metrics
 from roformer.modeling import RoFormerForSequenceClassification, RoFormerModel, load_pretrained
+from roformer.positions import scheme_class
 from roformer.tasks.base import Task
 from roformer.tokenization import train_wordpiece
 
@@ -402,7 +403,8 @@ class GLUETask(Task):
             raise DataError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary has {model.vocab_size}"
             )
-        if model.position == "learned" and data.max_seq_length > model.max_position_embeddings:
+        longest = scheme_class(model.position).max_length(model)  # a learned table's rows, or None
+        if longest is not None and data.max_seq_length > longest:
             raise ConfigError(
                 f"data.max_seq_length={data.max_seq_length} exceeds the learned position table "
                 f"(model.max_position_embeddings={model.max_position_embeddings})"

@@ -727,10 +727,7 @@ class TranslationTask(Task):
                 net,
                 batch["input_ids"],
                 batch["attention_mask"],
-                beam_size=beam_size,
-                length_penalty=self.data.length_penalty,
-                max_len_a=self.data.max_len_a,
-                max_len_b=self.data.max_len_b,
+                self.data.generation(beam_size=beam_size),
                 **generation_ids(self.tokenizer),
             )
         losses = np.array([smoothed.item(), nll.item(), int(labels.ne(-100).sum())])
