@@ -63,3 +63,10 @@ def test_extrapolate_command_prints_the_table_and_writes_the_plot(runs, tmp_path
     )
     assert "| rotary | rotary | ntk |" in capsys.readouterr().out
     assert out.stat().st_size > 10_000
+
+
+def test_a_missing_run_is_one_line_and_exit_status_2(tmp_path, capsys):
+    run = tmp_path / "runs" / "rotary_seed1"
+    assert main(["extrapolate", str(run)]) == 2
+    expected = f"error: {run}: no final/ model here (expected a finished pretraining run directory)"
+    assert capsys.readouterr().err.strip() == expected
