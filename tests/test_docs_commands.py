@@ -41,6 +41,7 @@ SCRIPTS = {  # scripts/X.py -> the subcommand it runs
     "glue_sweep.py": "glue-sweep",
     "evaluate_bleu.py": "evaluate-bleu",
     "compare_runs.py": "compare",
+    "prepare_data.py": "prepare",  # the data-preparation branch's entry point
 }
 _MLM = [
     "data.max_documents=3",  # a WikiText article is ~3k tokens: the final evaluation reads the whole held-out part
@@ -81,7 +82,7 @@ TINY = {  # what a user appends for a quick try; later overrides win over the co
     "translate": _TRANSLATION,
     "extrapolate": ["--factors", "1", "2", "--max_tokens", "256"],
 }
-RECIPE_COMMANDS = {"pretrain", "finetune", "translate", "train-tokenizer", "demo"}
+RECIPE_COMMANDS = {"pretrain", "finetune", "translate", "train-tokenizer", "demo", "prepare"}
 
 
 # --------------------------------------------------------------------------------------------------
