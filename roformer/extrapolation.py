@@ -56,6 +56,8 @@ def evaluate_lengths(
     """One row per run x factor x scaling: {run, scheme, scaling, factor, length, loss, accuracy, note}."""
     rows = []
     for run_dir in map(Path, run_dirs):
+        if not (run_dir / "final" / "config.json").is_file():  # a user's typo or an unfinished run: one line
+            raise DataError(f"{run_dir}: no final/ model here (expected a finished pretraining run directory)")
         base = RoFormerForMaskedLM.from_pretrained(run_dir / "final").eval()
         tokenizer = load_tokenizer(run_dir / "final")
         train_length = load_config(run_dir / "config.yaml").data.max_seq_length

@@ -3,6 +3,7 @@ positions. The kernels themselves, one by one against the eager reference: tests
 
 import pytest
 import torch
+from floats import assert_float32_close, model_terms
 from torch.testing import assert_close
 
 import roformer
@@ -73,7 +74,7 @@ def test_sdpa_matches_eager(tiny_config, mask_name, rotary, rotary_value):
     expected, _ = eager(x, mask, rope)
     actual, weights = sdpa(x, mask, rope)
     assert weights is None  # the fused kernel has no weights to give unless asked
-    assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+    assert_float32_close(actual, expected, terms=2 * 32 + 2 * T)  # projections in and out, scores and values
 
 
 @pytest.mark.parametrize("position", ["rotary", "learned"])
@@ -83,7 +84,8 @@ def test_sdpa_and_eager_models_agree_on_padded_batches(tiny_config, position):
     eager.load_state_dict(sdpa.state_dict())
     ids = torch.randint(1, 97, (B, T))
     with torch.no_grad():
-        assert_close(sdpa(ids, _padding()).logits, eager(ids, _padding()).logits, atol=1e-5, rtol=1e-5)
+        expected = eager(ids, _padding()).logits
+        assert_float32_close(sdpa(ids, _padding()).logits, expected, model_terms(sdpa.config, T) + 32)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -154,7 +156,8 @@ def test_incremental_decoding_matches_teacher_forcing(tiny_config, overrides):
         caches = model.new_caches()
         prompt = model.decode(target[:, :3], memory, source_mask, caches)  # a prefix at once, then one by one
         steps = [model.decode(target[:, t : t + 1], memory, source_mask, caches) for t in range(3, 8)]
-    assert_close(torch.cat([prompt, *steps], dim=1), expected, atol=1e-5, rtol=1e-5)
+    terms = 2 * model_terms(model.config, 8) + 32  # encoder, decoder (cross-attention within the length), head
+    assert_float32_close(torch.cat([prompt, *steps], dim=1), expected, terms)
     assert all(c.self_attn.length == 8 for c in caches)
     assert all(c.cross_attn.length == 7 for c in caches)  # the source's keys, computed once
 
@@ -176,8 +179,9 @@ def test_beams_decode_against_one_copy_of_the_source(tiny_config):
         for cache in caches:
             cache.self_attn.reorder(torch.arange(B).repeat_interleave(beams))
         steps = [model.decode(target[:, t : t + 1], memory, source_mask, caches) for t in range(1, 5)]
-    assert_close(first, expected[::beams, :1], atol=1e-5, rtol=1e-5)
-    assert_close(torch.cat(steps, dim=1), expected[:, 1:], atol=1e-5, rtol=1e-5)
+    terms = 2 * model_terms(model.config, 7) + 32  # encoder, decoder (cross-attention within the length), head
+    assert_float32_close(first, expected[::beams, :1], terms)
+    assert_float32_close(torch.cat(steps, dim=1), expected[:, 1:], terms)
     assert all(c.cross_attn.key.shape[0] == B for c in caches)
 
 
@@ -200,11 +204,10 @@ def test_source_padding_is_invisible_to_the_decoder(tiny_config):
     padded = torch.cat((source, torch.zeros(1, 3, dtype=torch.long)), dim=1)
     mask = torch.cat((torch.ones(1, 7, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)), dim=1)
     with torch.no_grad():
-        assert_close(
+        assert_float32_close(
             model(padded, mask, decoder_input_ids=target).logits,
             model(source, decoder_input_ids=target).logits,
-            atol=1e-5,
-            rtol=1e-5,
+            terms=2 * model_terms(model.config, 10) + 32,
         )
 
 
@@ -240,4 +243,4 @@ def test_seq2seq_cross_attention_sees_the_memory_unrotated(tiny_config):
         attn = layer.cross_attn
         q, k, v = attn._heads(attn.query(x)), attn._heads(attn.key(context)), attn._heads(attn.value(context))
         expected = attn.out(torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, -1).matmul(v).transpose(1, 2).flatten(2))
-    assert_close(seen["out"][0], expected, atol=1e-6, rtol=1e-5)
+    assert_float32_close(seen["out"][0], expected, terms=2 * 32 + 2 * 6)  # projections, scores and values

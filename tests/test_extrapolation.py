@@ -94,3 +94,10 @@ def test_demo_compare_and_extrapolate_take_the_score_bias_schemes(tmp_path, caps
     table = capsys.readouterr().out
     assert "| alibi | alibi | none |" in table and "| t5_relative | t5_relative | none |" in table
     assert "n/a" not in table.split("| alibi | alibi | none |")[1]
+
+
+def test_a_missing_run_is_one_line_and_exit_status_2(tmp_path, capsys):
+    run = tmp_path / "runs" / "rotary_seed1"
+    assert main(["extrapolate", str(run)]) == 2
+    expected = f"error: {run}: no final/ model here (expected a finished pretraining run directory)"
+    assert capsys.readouterr().err.strip() == expected
