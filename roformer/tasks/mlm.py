@@ -112,8 +112,9 @@ def tokenizer_sample(sources: list[Source], max_bytes: int) -> list[str]:
 
 
 def evenly_spread(index: np.ndarray, fraction: float) -> np.ndarray:
-    """Whether each document index is among an evenly spread `fraction` (one in every 1 / fraction)."""
-    return (index + 1) * fraction // 1 > index * fraction // 1
+    """Whether each document index is among an evenly spread `fraction` (one in every 1 / fraction), the first
+    document included, so that even a corpus of two documents holds one out."""
+    return np.ceil((index + 1) * fraction) > np.ceil(index * fraction)
 
 
 def within_cap(chosen: np.ndarray, lengths: np.ndarray, held_before: int, cap: int) -> np.ndarray:
@@ -135,6 +136,7 @@ def corpus_settings(data: MLMDataConfig, train: list[Source], validation: list[S
         "sources": [s.describe() for s in train],
         "validation_sources": [s.describe() for s in validation],
         "validation_fraction": None if validation else data.validation_fraction,
+        "held_out": "evenly, from the first document",  # the rule of evenly_spread: a change is a new dataset
         "max_validation_blocks": data.max_validation_blocks,
         "max_documents": data.max_documents,
         "block_length": data.max_seq_length,
@@ -216,7 +218,7 @@ def prepare_corpus(
             f"the corpus is too small: {counts['train']['documents']} training and {counts['validation']['documents']}"
             f" validation documents, {counts['train']['tokens']} and {counts['validation']['tokens']} tokens; each "
             f"split needs at least one block of {data.max_seq_length} tokens (data.max_seq_length)"
-            + ("" if validation_sources else f", and one document in {1 / data.validation_fraction:.0f} is held out")
+            + ("" if validation_sources else f"; one document in {1 / data.validation_fraction:.0f} is held out")
         )
     return prep.finish(writers, counts, time.perf_counter() - start)
 
