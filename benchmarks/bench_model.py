@@ -29,6 +29,9 @@ SIZES = {
     "base": (6, 512, 8, 2048, 30522, 8, 512),
     "long": (6, 512, 8, 2048, 30522, 1, 4096),
     "quick": (2, 128, 4, 512, 30522, 4, 128),
+    # BERT-base, for GPUs (make gpu-check): large batches, as pretraining runs them
+    "bert-base-128": (12, 768, 12, 3072, 30522, 128, 128),
+    "bert-base-512": (12, 768, 12, 3072, 30522, 32, 512),
 }
 OURS = [
     "rotary",
@@ -96,7 +99,14 @@ def _build(model_name: str, size: str, attention_dropout: float):
 
 
 def measure(
-    model_name: str, size: str, steps: int, warmup: int, device: str, threads: int | None, attention_dropout: float
+    model_name: str,
+    size: str,
+    steps: int,
+    warmup: int,
+    device: str,
+    threads: int | None,
+    attention_dropout: float,
+    dtype: str = "fp32",
 ) -> dict:
     import torch
 
@@ -125,8 +135,11 @@ def measure(
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
+
     def step() -> float:
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        with autocast:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -141,7 +154,16 @@ def measure(
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     peak = torch.cuda.max_memory_allocated() / 1024**2 if cuda else _rss_mb()
+    from roformer.config import ModelConfig
+    from roformer.flops import device_peak_flops, mlm_training_flops_per_token
+
+    layers, hidden, heads, ffn = SIZES[size][:4]
+    shape = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=ffn)
+    peak_flops = device_peak_flops(torch.cuda.get_device_name(device)) if cuda else None
     return {
+        "flops_per_token": mlm_training_flops_per_token(shape, seq_len, 0.15),  # the trainer's train/mfu count
+        "peak_flops": peak_flops,
+        "dtype": dtype,
         "model": model_name,
         "size": size,
         "attention": impl,
@@ -157,7 +179,7 @@ def measure(
 
 def run_in_subprocess(model_name: str, size: str, args) -> dict:
     command = [sys.executable, __file__, "--worker", model_name, size, "--steps", str(args.steps)]
-    command += ["--warmup", str(args.warmup), "--device", args.device]
+    command += ["--warmup", str(args.warmup), "--device", args.device, "--dtype", args.dtype]
     command += ["--attention-dropout", str(args.attention_dropout)]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -199,8 +221,8 @@ def summarise(runs: list[dict]) -> dict:
 
 def print_table(results: list[dict]) -> None:
     header = (
-        f"{'size':<6} {'model':<12} {'attn':<6} {'params':>7} {'best s':>7} {'median s':>8} {'cpu s':>7} "
-        f"{'tokens/s':>9} {'vs hf-rof':>9} {'peak MiB':>9} {'mem vs hf':>9} {'loss':>6}"
+        f"{'size':<13} {'model':<12} {'attn':<6} {'params':>7} {'best s':>7} {'median s':>8} {'cpu s':>7} "
+        f"{'tokens/s':>9} {'vs hf-rof':>9} {'MFU':>6} {'peak MiB':>9} {'mem vs hf':>9} {'loss':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -209,13 +231,15 @@ def print_table(results: list[dict]) -> None:
         ref = next((r for r in rows if r["model"] == REFERENCE and "error" not in r), None)
         for r in rows:
             if "error" in r:
-                print(f"{size:<6} {r['model']:<12} {r['error']}")
+                print(f"{size:<13} {r['model']:<12} {r['error']}")
                 continue
             speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             memory = f"{r['peak_mb'] / ref['peak_mb']:.2f}x" if ref and ref["peak_mb"] > 0 else "-"
+            peak_flops = r.get("peak_flops")
+            mfu = f"{r['flops_per_token'] * r['tokens_per_s'] / peak_flops:.1%}" if peak_flops else "-"
             print(
-                f"{size:<6} {r['model']:<12} {r['attention']:<6} {r['params_m']:>6.1f}M {r['best_s']:>7.2f} "
-                f"{r['median_s']:>8.2f} {r['cpu_s']:>7.2f} {r['tokens_per_s']:>9.0f} {speed:>9} "
+                f"{size:<13} {r['model']:<12} {r['attention']:<6} {r['params_m']:>6.1f}M {r['best_s']:>7.2f} "
+                f"{r['median_s']:>8.2f} {r['cpu_s']:>7.2f} {r['tokens_per_s']:>9.0f} {speed:>9} {mfu:>6} "
                 f"{r['peak_mb']:>9.0f} {memory:>9} {r['loss']:>6.2f}"
             )
         by_name = {r["model"]: r for r in rows if "error" not in r}
@@ -240,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         "--rounds", type=int, default=1, help="repeat every model this often, interleaved (a shared machine is noisy)"
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument(
         "--attention-dropout", type=float, default=0.1, help="dropout on attention weights, the same for every model"
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker_args = (args.steps, args.warmup, args.device, args.threads, args.attention_dropout)
+        worker_args = (args.steps, args.warmup, args.device, args.threads, args.attention_dropout, args.dtype)
         print(json.dumps(measure(*args.worker, *worker_args)))
         return
     if args.quick:

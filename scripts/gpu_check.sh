@@ -19,7 +19,7 @@ section() { echo -e "\n## $1\n" | tee -a "$out/results.md"; }
 section "pytest -m gpu"
 timeout 300 "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15 | tee -a "$out/results.md" || status=1
 section "training step: ours vs transformers (bf16, BERT-base)"
-timeout 240 "$py" benchmarks/bench_model.py --device cuda --sizes bert-base-128 bert-base-512 \
+timeout 240 "$py" benchmarks/bench_model.py --device cuda --dtype bf16 --sizes bert-base-128 bert-base-512 \
   --json "$out/bench_model.json" 2>&1 | tee -a "$out/results.md" || status=1
 section "beam-4 decoding: ours vs MarianMTModel.generate (Transformer-base)"
 timeout 120 "$py" benchmarks/bench_translate.py --device cuda --size base --repeats 3 2>&1 | tee -a "$out/results.md" || status=1
