@@ -60,8 +60,10 @@ class ModelOutput:
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T_k) of 1/0 -> (B, 1, 1, T_k) bool, or None when nothing is padded (lets SDPA take its fast path)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(B, T_k) of 1/0 -> (B, 1, 1, T_k) bool, or None when nothing is padded (lets SDPA take its fast path).
+    Whether anything is padded is read only for a mask in host memory: on a GPU that read would stall every
+    forward, so there an unpadded batch should come without a mask (as MLM's full blocks do)."""
+    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         return None
     return attention_mask.bool()[:, None, None, :]
 
@@ -290,9 +292,9 @@ class RoFormerModel(PreTrainedModel):
     def embed(self, input_ids, token_type_ids=None, position_ids=None) -> tuple[torch.Tensor, PositionContext]:
         """The encoder's input (B, T, H) and the position context its layers share."""
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = range(input_ids.shape[1])  # known on the host: no read-back of positions per forward
         x = self.embeddings_project(self.embeddings(input_ids, position_ids, token_type_ids))
-        return x, self.embeddings.positions.context(position_ids)
+        return x, self.embeddings.positions.context(position_ids, device=input_ids.device)
 
     def forward(
         self,
@@ -442,19 +444,19 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, S) -> memory (B, S, H)."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        positions = range(input_ids.shape[1])
         x = self.embeddings(input_ids, positions)
-        context = self.embeddings.positions.context(positions)
+        context = self.embeddings.positions.context(positions, device=input_ids.device)
         return self.encoder(x, padding_mask(attention_mask), context).last_hidden_state
 
     def decode(self, decoder_input_ids, memory, attention_mask=None, caches: list[LayerCache] | None = None):
         """decoder_input_ids: (B, T), the new tokens only when `caches` hold the earlier ones. Returns (B, T, V)."""
         past = caches[0].self_attn.length if caches else 0
         length = decoder_input_ids.shape[1]
-        positions = torch.arange(past + length, device=decoder_input_ids.device)
+        positions = range(past + length)
         x = self.embeddings(decoder_input_ids, positions[past:])
         # the new tokens' queries against every key so far, the cached ones included; causal (T5: its own buckets)
-        context = self.embeddings.positions.context(positions[past:], positions, causal=True)
+        context = self.embeddings.positions.context(positions[past:], positions, causal=True, device=x.device)
         mask = causal_mask(length, past + length, x.device) if length > 1 else None
         hidden = self.decoder(x, mask, context, memory, padding_mask(attention_mask), caches).last_hidden_state
         return self.output_logits(hidden)

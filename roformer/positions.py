@@ -161,9 +161,13 @@ class Rope:
             self.rotation = complex_rotation(self.cos, self.sin)
         return rotate_as_complex(x, self.rotation)
 
-    def select(self, index: torch.Tensor) -> Rope:
+    def select(self, index: torch.Tensor | range) -> Rope:
         """The angles of the positions in `index`: (B, M) for each sequence, giving (B, M, d) cos and sin; or (T,)
-        of a table of positions, giving (T, d)."""
+        (or a range) of a table of positions, giving (T, d)."""
+        if isinstance(index, range):  # consecutive rows of the table: views, no gather
+            rows = slice(index.start, index.stop)
+            rotation = None if self.rotation is None else self.rotation[rows]
+            return Rope(self.cos[rows], self.sin[rows], self.pairing, rotation)
         if self.cos.dim() == 2:
             rotation = None
             if self.rotation is not None:  # built already: index it instead of building it again
@@ -213,6 +217,23 @@ class PositionContext:
 
 NO_POSITIONS = PositionContext()
 """Cross-attention's context: positions live in each stream's self-attention, not across streams."""
+
+Positions = torch.Tensor | range
+"""Token positions: a tensor, (T,) or (B, T), or a `range` for the consecutive positions the model makes itself.
+A range's extent is known on the host: a forward pass never waits on the GPU to learn how far its positions go."""
+
+
+def positions_tensor(positions: Positions, device: torch.device) -> torch.Tensor:
+    if isinstance(positions, range):
+        return torch.arange(positions.start, positions.stop, device=device)
+    return positions
+
+
+def rows_needed(positions: Positions) -> int:
+    """Table rows the positions reach (the largest + 1); read from the device only for explicit position tensors."""
+    if isinstance(positions, range):
+        return max(positions.stop, 0)
+    return int(positions.max()) + 1 if positions.numel() else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,24 +304,29 @@ class PositionScheme(nn.Module):
         )
         return [f"position={cls.name!r} has no transformers equivalent ({convertible})"]
 
-    def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def add_to(self, embeddings: torch.Tensor, position_ids: Positions) -> torch.Tensor:
         return embeddings
 
-    def rope(self, position_ids: torch.Tensor) -> Rope | _NoRope:
+    def rope(self, position_ids: Positions, device: torch.device | None = None) -> Rope | _NoRope:
         return NO_ROPE
 
-    def bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool) -> torch.Tensor | None:
+    def bias(self, query_positions: Positions, key_positions: Positions, causal: bool) -> torch.Tensor | None:
         """The score bias of queries at `query_positions` against keys at `key_positions`, each (T,) or (B, T):
         (1 or B, nh, T_q, T_k), or None."""
         return None
 
     def context(
-        self, position_ids: torch.Tensor, key_positions: torch.Tensor | None = None, causal: bool = False
+        self,
+        position_ids: Positions,
+        key_positions: Positions | None = None,
+        causal: bool = False,
+        device: torch.device | None = None,
     ) -> PositionContext:
         """The context of one forward pass whose tokens sit at `position_ids`. `key_positions`: the keys', when
-        they differ (a decoding step also attends to cached keys); `causal`: the decoder's self-attention."""
+        they differ (a decoding step also attends to cached keys); `causal`: the decoder's self-attention;
+        `device`: where the tensors go when the positions are ranges."""
         keys = position_ids if key_positions is None else key_positions
-        return PositionContext(self.rope(position_ids), self.bias(position_ids, keys, causal))
+        return PositionContext(self.rope(position_ids, device), self.bias(position_ids, keys, causal))
 
 
 class NoPositions(PositionScheme):
@@ -343,11 +369,12 @@ class RotaryPositions(PositionScheme):
             problems.append("transformers' RoFormer fixes rope_base at 10000")
         return problems
 
-    def rope(self, position_ids: torch.Tensor) -> Rope:
-        seq_len = int(position_ids.max()) + 1 if position_ids.numel() else 0
+    def rope(self, position_ids: Positions, device: torch.device | None = None) -> Rope:
+        device = position_ids.device if isinstance(position_ids, torch.Tensor) else device
+        seq_len = rows_needed(position_ids)
         if self.scaling == "dynamic_ntk" or seq_len == 0:  # frequencies that follow the length: no fixed table
-            return self._angles(position_ids, seq_len)
-        return self._table.get(seq_len, position_ids.device).select(position_ids)
+            return self._angles(positions_tensor(position_ids, device), seq_len)
+        return self._table.get(seq_len, device).select(position_ids)
 
     def _angle_table(self, rows: int, device: torch.device) -> Rope:
         table = self._angles(torch.arange(rows, device=device), rows)
@@ -382,9 +409,10 @@ class SinusoidalPositions(PositionScheme):
         self.dim = cfg.embedding_dim
         self._table = GrowingTable(self._build_table)  # not a buffer: never saved
 
-    def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        table = self._table.get(int(position_ids.max()) + 1, embeddings.device)
-        return embeddings + table[position_ids].to(embeddings.dtype)
+    def add_to(self, embeddings: torch.Tensor, position_ids: Positions) -> torch.Tensor:
+        table = self._table.get(rows_needed(position_ids), embeddings.device)
+        rows = slice(position_ids.start, position_ids.stop) if isinstance(position_ids, range) else position_ids
+        return embeddings + table[rows].to(embeddings.dtype)
 
     def _build_table(self, rows: int, device: torch.device) -> torch.Tensor:
         return sinusoidal_table(rows, self.dim).to(device)
@@ -406,19 +434,22 @@ class LearnedPositions(PositionScheme):
     def max_length(cls, cfg: ModelConfig) -> int | None:
         return cfg.max_position_embeddings
 
-    def add_to(self, embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        longest = int(position_ids.max()) + 1
+    def add_to(self, embeddings: torch.Tensor, position_ids: Positions) -> torch.Tensor:
+        longest = rows_needed(position_ids)
         if longest > self.max_positions:
             raise SequenceTooLongError(
                 f"sequence of {longest} positions is longer than the learned position table "
                 f"(model.max_position_embeddings={self.max_positions}); use at most {self.max_positions} tokens "
                 f"or a scheme without a length limit ({', '.join(self.unbounded)})"
             )
-        return embeddings + self.position_embeddings(position_ids)
+        return embeddings + self.position_embeddings(positions_tensor(position_ids, embeddings.device))
 
 
 def relative_bias(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, per_offset: Callable[[torch.Tensor], torch.Tensor]
+    query_positions: Positions,
+    key_positions: Positions,
+    per_offset: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
 ) -> torch.Tensor:
     """A score bias that depends on key - query only: per_offset(offsets) maps offsets (...) to (..., nh) values.
 
@@ -429,18 +460,25 @@ def relative_bias(
     """
     if _consecutive(query_positions) and _consecutive(key_positions):
         num_queries, num_keys = len(query_positions), len(key_positions)
-        smallest = int(key_positions[0]) - int(query_positions[-1])  # the last query against the first key
-        offsets = torch.arange(smallest, smallest + num_queries + num_keys - 1, device=key_positions.device)
+        smallest = _first(key_positions) - (_first(query_positions) + num_queries - 1)  # last query vs first key
+        offsets = torch.arange(smallest, smallest + num_queries + num_keys - 1, device=device)
         values = per_offset(offsets).t()  # (nh, T_q + T_k - 1)
         # windows[h, a, j] = values[h, a + j] is the offset of key j from query T_q - 1 - a: flip the queries
         return values.unfold(-1, num_keys, 1).flip(-2).unsqueeze(0)
+    query_positions, key_positions = positions_tensor(query_positions, device), positions_tensor(key_positions, device)
     relative = key_positions.unsqueeze(-2) - query_positions.unsqueeze(-1)  # (T_q, T_k) or (B, T_q, T_k)
     bias = per_offset(relative).movedim(-1, -3)  # (..., nh, T_q, T_k)
     return bias.unsqueeze(0) if bias.dim() == 3 else bias
 
 
-def _consecutive(positions: torch.Tensor) -> bool:
+def _consecutive(positions: Positions) -> bool:
+    if isinstance(positions, range):
+        return positions.step == 1
     return positions.dim() == 1 and (len(positions) < 2 or bool((positions.diff() == 1).all()))
+
+
+def _first(positions: Positions) -> int:
+    return positions.start if isinstance(positions, range) else int(positions[0])
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -474,7 +512,10 @@ class ALiBiPositions(PositionScheme):
 
     def bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool) -> torch.Tensor:
         # |i - j| for both: under the causal mask, the keys a decoder query sees are j <= i, where they agree
-        return relative_bias(query_positions, key_positions, lambda offset: offset.abs().unsqueeze(-1) * -self.slopes)
+        slopes = self.slopes
+        return relative_bias(
+            query_positions, key_positions, lambda offset: offset.abs().unsqueeze(-1) * -slopes, slopes.device
+        )
 
 
 def t5_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -541,6 +582,7 @@ class T5RelativePositions(PositionScheme):
             query_positions,
             key_positions,
             lambda offset: table(t5_bucket(offset, not causal, self.num_buckets, self.max_distance)).float(),
+            table.weight.device,
         )
 
 

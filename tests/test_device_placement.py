@@ -4,11 +4,10 @@ inside (positions, masks, tables, biases) or a read-back (`.item()`, `int(t.max(
 loudly. (Data-dependent steps, such as the masked-row MLM head, evaluation and beam search, cannot run on `meta`;
 the GPU check covers those.)
 
-KNOWN DEFECT, pinned by strict xfail: every forward still reads positions and masks back to the host (a GPU
-sync per forward): `int(position_ids.max())` for the rotary/sinusoidal tables and the learned length check,
-`_consecutive` and `int(key_positions[0])` in the relative biases (ALiBi, T5), `bool(attention_mask.all())` in
-`padding_mask`. Only an unpadded `none` model runs clean. Fixing them (lengths from shapes, known as Python
-ints) turns these into unexpected passes: then drop the xfail.
+Fixed, and pinned here: every forward used to read positions and masks back to the host (a GPU sync per
+forward): `int(position_ids.max())` for the rotary and sinusoidal tables and the learned length check, the
+consecutive-positions test of the relative biases (ALiBi, T5), `bool(attention_mask.all())` in `padding_mask`.
+The model now makes its positions as Python ranges, known on the host.
 """
 
 import pytest
@@ -31,15 +30,8 @@ def config(position: str, **extra) -> ModelConfig:
                        max_position_embeddings=64, position=position, **extra)  # fmt: skip
 
 
-SYNCS = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="host read-backs per forward (module docstring)")
-ENCODER_CASES = [
-    pytest.param(p, padded, marks=[] if (p, padded) == ("none", False) else [SYNCS])
-    for p in POSITION_SCHEMES
-    for padded in (False, True)
-]
-
-
-@pytest.mark.parametrize("position, padded", ENCODER_CASES)
+@pytest.mark.parametrize("position", list(POSITION_SCHEMES))
+@pytest.mark.parametrize("padded", [False, True])
 def test_an_encoder_training_step_makes_no_cpu_tensor(position, padded):
     with META:
         mlm = RoFormerForMaskedLM(config(position)).train()
@@ -53,7 +45,6 @@ def test_an_encoder_training_step_makes_no_cpu_tensor(position, padded):
     assert out.logits.device == META
 
 
-@SYNCS
 @pytest.mark.parametrize("position", list(POSITION_SCHEMES))
 def test_a_translation_training_step_makes_no_cpu_tensor(position):
     with META:
