@@ -126,12 +126,8 @@ class SourceConfig:
 @dataclass
 class MLMDataConfig:
     """Masked-LM pretraining text. Training reads a prepared dataset (`roformer prepare`): either `prepared`, or
-    one made on first use from the sources below into `prepared_cache` and shared by every run that asks for it."""
+    one made on first use from the sources into `prepared_cache` and shared by every run that asks for it."""
 
-    prepared: str | None = None
-    """A prepared dataset directory (`roformer prepare`); the source keys below are then not read."""
-    prepared_cache: str | None = None
-    """Where runs prepare raw sources; default $ROFORMER_CACHE/prepared, else ~/.cache/roformer/prepared."""
     corpus: Literal["builtin", "files", "hub"] = "builtin"
     """builtin: Python's own documentation (offline); files: train_files; hub: hub_name/hub_config."""
     train_files: list[str] = field(default_factory=list)
@@ -161,6 +157,11 @@ class MLMDataConfig:
     """Use only the first N documents (quick runs)."""
     num_proc: int | None = None
     """Processes that tokenize during preparation; default all cores."""
+    prepared: str | None = None
+    """A prepared dataset directory (`roformer prepare`); the source keys above are then not read. A run records the
+    one it used here (absolute), made from the sources on first use or not."""
+    prepared_cache: str | None = None
+    """Where runs prepare raw sources; default $ROFORMER_CACHE/prepared, else ~/.cache/roformer/prepared."""
 
     def __post_init__(self):
         if not 0.0 < self.validation_fraction < 1.0:

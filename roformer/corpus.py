@@ -45,7 +45,9 @@ class Source:
         if self.hub_name:
             return {"hub": self.hub_name, "config": self.hub_config, "split": self.split,
                     "text_column": self.text_column, "weight": self.weight}  # fmt: skip
-        files = [{"path": str(p), "bytes": p.stat().st_size, "mtime": int(p.stat().st_mtime)} for p in self.paths()]
+        files = [  # absolute: the same files give the same fingerprint from any working directory
+            {"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime": int(p.stat().st_mtime)} for p in self.paths()
+        ]
         return {"files": files, "text_column": self.text_column, "weight": self.weight}
 
     def paths(self) -> list[Path]:

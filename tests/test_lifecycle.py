@@ -85,7 +85,7 @@ def test_a_tokenizer_bigger_than_the_checkpoints_embedding_is_refused(tiny_pretr
 def test_a_learned_checkpoint_too_short_for_the_data_is_refused(tiny_pretrained_runs, tmp_path):
     learned = tiny_pretrained_runs[1] / "final"  # a 32-row table
     cfg = continued(tmp_path / "run", learned, "data.max_seq_length=64")
-    with pytest.raises(ConfigError, match="data.max_seq_length=64 is longer than the learned position table"):
+    with pytest.raises(ConfigError, match="data.max_seq_length=64 is longer than model.position=.learned. allows"):
         MLMTask(cfg).setup(Accelerator(cpu=True), tmp_path / "run")
 
 

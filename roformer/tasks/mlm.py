@@ -335,6 +335,7 @@ class MLMTask(Task):
         if self.init_path is not None and not data.tokenizer and self.has_tokenizer(self.init_path):
             data.tokenizer = str(self.init_path)  # continued pretraining reads the text with its own vocabulary
         self.dataset = prepared_corpus(cfg, accelerator)
+        data.prepared = str(self.dataset.path.resolve())  # config.yaml names the exact data, from any directory
         made_with = self.dataset.manifest["tokenizer_fingerprint"]
         tokenizer = self.resolve_tokenizer(accelerator, run_dir, lambda: load_tokenizer(self.dataset.tokenizer_dir))
         if tokenizer_fingerprint(tokenizer) != made_with:  # e.g. a resumed run's own against another dataset
