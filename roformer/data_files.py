@@ -27,21 +27,6 @@ def read_utf8(path: str | Path) -> str:
     return text
 
 
-def expand_text_files(paths: list[str]) -> list[Path]:
-    """Files as given, and for a directory every *.txt file in it (sorted); a directory without any is an error."""
-    files = []
-    for entry in paths:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not found:
-                raise DataError(f"{path}: directory has no .txt files")
-            files.extend(found)
-        else:
-            files.append(path)
-    return files
-
-
 def read_line_aligned(source: str | Path, target: str | Path) -> tuple[list[str], list[str]]:
     """Two line-aligned files (a parallel corpus); differing line counts are an error naming both."""
     src_lines, tgt_lines = read_utf8(source).splitlines(), read_utf8(target).splitlines()

@@ -303,13 +303,7 @@ class Trainer:
     def _epoch_loader(self, epoch: int, start: int) -> DataLoader:
         """This process's batches of `epoch` from global micro-batch `start` on, read and collated by workers."""
         acc = self.accelerator
-        batches = self.task.epoch_batches(epoch, self.micro_batch_size)
-        if len(batches) < acc.num_processes:
-            raise DataError(
-                f"the training data holds {len(batches)} micro-batch(es) of {self.micro_batch_size} "
-                f"{self.task.batch_unit} per epoch, fewer than one per process ({acc.num_processes}): use more data "
-                "or a smaller train.global_batch_size"
-            )
+        batches = self.task.epoch_batches(epoch, self.micro_batch_size)  # as many as _resolve_batch checked
         return DataLoader(
             self.task.train_dataset(),
             batch_sampler=RankBatches(batches, acc.process_index, acc.num_processes, start),
