@@ -11,6 +11,7 @@ run split over several processes, mask exactly what the straight single-process 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -67,7 +68,7 @@ def corpus_sources(data: MLMDataConfig) -> tuple[list[Source], list[Source]]:
         if not data.hub_name:
             raise DataError("data.hub_name is empty; name a hub dataset (data.corpus=hub)")
         main = Source(hub_name=data.hub_name, hub_config=data.hub_config, text_column=data.text_column)
-    extra = [Source(s.files, s.hub_name, s.hub_config, s.split, s.text_column, s.weight) for s in data.sources]
+    extra = [Source(**dataclasses.asdict(s)) for s in data.sources]  # the config's fields are Source's
     validation = []
     if data.validation_files:
         validation = [Source(files=data.validation_files, text_column=data.text_column)]
