@@ -500,7 +500,8 @@ def test_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
     a complete checkpoint, and the end is bit for bit the uninterrupted run's."""
     from safetensors.torch import load_file
 
-    common = ["train.max_steps=8", "train.save_every=1", "train.log_every=1", "train.keep_last=2"]
+    # long enough that no killed launch can finish before its kill, even on a fast idle machine (8 steps could)
+    common = ["train.max_steps=30", "train.save_every=1", "train.log_every=1", "train.keep_last=2"]
     straight = tmp_path / "straight"
     train(tiny(straight, *common))
     vocab = f"data.tokenizer={straight / 'tokenizer'}"
@@ -509,10 +510,10 @@ def test_killed_at_random_moments_resumes_to_the_same_weights(tmp_path):
     script.write_text(KILLED_AT)
     args = ["--config", str(RECIPE), *TINY, *common, vocab, f"output_dir={run_dir}", "train.resume_from=latest"]
     rng = random.Random(15)
-    plan = [("in_save", 2), ("after", 0.2), ("in_publish", 1), ("after", 0.3), ("none", 0)]
+    plan = [("in_save", 2), ("after", 0.05), ("in_publish", 1), ("after", 0.1), ("none", 0)]
     resumed_at = []
     for mode, value in plan:
-        value = value + rng.uniform(0, 0.5) if mode == "after" else value
+        value = value + rng.uniform(0, 0.25) if mode == "after" else value
         done = subprocess.run(
             [sys.executable, str(script), mode, str(value), *args],
             cwd=ROOT,
