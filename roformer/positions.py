@@ -139,6 +139,18 @@ def rotate_as_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T_q, T_k) bool: query i (at position key_len - query_len + i) sees keys up to itself."""
+    offset = key_len - query_len
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(offset)[None, None]
+
+
+def with_causal(mask: torch.Tensor | None, query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """`mask` (None or broadcasting to (B, nh, T_q, T_k)) and the causal mask together."""
+    causal = causal_mask(query_len, key_len, device)
+    return causal if mask is None else mask & causal
+
+
 # --------------------------------------------------------------------------------------------------
 # The cache handed to every attention layer
 # --------------------------------------------------------------------------------------------------
@@ -196,16 +208,22 @@ class PositionContext:
 
     Two hooks: `rotate` turns q and k (RoPE; the identity otherwise) and `bias`, when not None, is added to the
     scores q k^T / sqrt(d) before the softmax: (1 or B, nh, T_q, T_k), float32 (ALiBi, T5 relative buckets).
+    `causal` (the decoder's self-attention): each query sees only the keys up to its own position. It travels as
+    a flag, not a mask tensor, so that attention without other masking can ask SDPA for `is_causal`, which its
+    flash kernels take.
     """
 
     rope: Rope | _NoRope = NO_ROPE
     bias: torch.Tensor | None = None
+    causal: bool = False
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return self.rope.rotate(x)
 
     def select(self, index: torch.Tensor) -> PositionContext:
         """The context of the queries in `index` (B, M) only, against the same keys (their bias rows)."""
+        if self.causal:  # the selected queries no longer line up with the last keys
+            raise ValueError("the queries of a causal context cannot be selected")
         bias = self.bias
         if bias is not None and bias.shape[0] == 1:  # one bias for every sequence: (nh, B * M, T_k) rows of it
             # (index_select, not gather from an expanded view: its backward would zero a (B, nh, T, T) gradient)
@@ -326,7 +344,7 @@ class PositionScheme(nn.Module):
         they differ (a decoding step also attends to cached keys); `causal`: the decoder's self-attention;
         `device`: where the tensors go when the positions are ranges."""
         keys = position_ids if key_positions is None else key_positions
-        return PositionContext(self.rope(position_ids, device), self.bias(position_ids, keys, causal))
+        return PositionContext(self.rope(position_ids, device), self.bias(position_ids, keys, causal), causal)
 
 
 class NoPositions(PositionScheme):
