@@ -1,7 +1,8 @@
 """No tensor made on the CPU meets a device tensor, and no value is read back to the host, inside a training step:
 the models run forward and backward with their weights and inputs on the `meta` device, where a CPU tensor made
 inside (positions, masks, tables, biases) or a read-back (`.item()`, `int(t.max())`, `bool(t.all())`) fails
-loudly. (The masked-row MLM head sizes its rows from the labels, so the MLM step here runs the full head.)
+loudly. (The masked-row MLM head sizes its rows from the labels, a read-back: it runs under the check below,
+in training and in evaluation.)
 
 Evaluation and decoding read values (metrics, which hypotheses finished), which `meta` has not. There a fake
 device stands in (`HostTensorCheck`): weights and batches stay on the CPU with real values and count as "on the
@@ -203,3 +204,16 @@ def test_the_host_tensor_check_catches_what_cuda_refuses():
         moved = torch.arange(3).to(device_tensor.device)
         assert (device_tensor + moved).shape == (4, 3)
         assert (device_tensor + torch.arange(3, device=device_tensor.device)).shape == (4, 3)
+
+
+@pytest.mark.parametrize("position", list(POSITION_SCHEMES))
+def test_a_masked_lm_step_at_the_masked_rows_makes_no_tensor_without_a_device(position):
+    """Training with labels: the last layer and the head run at the masked positions only (sized from the labels)."""
+    model = RoFormerForMaskedLM(config(position)).train()
+    ids = torch.randint(5, 101, (2, 16))
+    labels = torch.where(torch.rand(2, 16) < 0.3, ids, -100)
+    labels[0, 3] = ids[0, 3]  # at least one masked position
+    with HostTensorCheck():
+        out = model(ids, attention_mask=torch.ones_like(ids), labels=labels)
+        out.loss.backward()
+    assert out.logits.shape[0] == int(labels.ne(-100).sum())
