@@ -1,6 +1,7 @@
 """The fast kernels (roformer/kernels/), each against the eager reference `roformer.attention.eager_attention`:
-forward and backward, with and without padding, with and without a position score bias; the KV cache against
-concatenation; and which kernel the selector picks."""
+forward and backward, with and without padding, with and without a position score bias; causal attention as
+SDPA's is_causal; the KV cache against concatenation; and which kernel the selector picks (never a CPU-only one
+off the CPU or under torch.compile)."""
 
 import pytest
 import torch
@@ -329,6 +330,23 @@ def test_the_decoder_equals_its_explicit_mask_reference(tiny_config, position, p
             assert_close(a, e, atol=1e-5, rtol=1e-4)
     is_causal = [kw.get("is_causal", False) for kw in calls]
     assert is_causal.count(True) == (0 if position in ("alibi", "t5_relative") else 2)  # each decoder layer once
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager", "linear", "alibi", "t5_relative"])
+def test_the_decoder_never_sees_later_target_tokens(tiny_config, kind):
+    """Causality travels as a flag of the decoder's position context, not a mask tensor: every attention path
+    (SDPA's is_causal, the eager reference, linear attention's causal form, a score bias merged with the causal
+    mask: alibi, t5_relative) honours it."""
+    settings = {"sdpa": {}, "eager": {"attention_impl": "eager"}, "linear": {"attention": "linear"}}
+    extra = settings.get(kind, {"position": kind})
+    model = roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, type_vocab_size=0, **extra)).eval()
+    ids, targets = torch.randint(4, 97, (B, 8)), torch.randint(4, 97, (B, 7))
+    changed = targets.clone()
+    changed[:, 4:] = torch.randint(4, 97, (B, 3))
+    with torch.no_grad():
+        before, after = model(ids, None, targets).logits, model(ids, None, changed).logits
+    assert_close(before[:, :4], after[:, :4])  # positions 0-3 never saw 4-6
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
 
 
 def test_right_padded_targets_need_no_key_padding_in_the_decoder():
