@@ -62,9 +62,12 @@ class ModelOutput:
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, T_k) of 1/0 -> (B, 1, 1, T_k) bool, or None when nothing is padded (lets SDPA take its fast path).
-    Whether anything is padded is read only for a mask in host memory: on a GPU that read would stall every
-    forward, so there an unpadded batch should come without a mask (as MLM's full blocks do)."""
-    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
+    Whether anything is padded is read only for a mask in host memory, outside torch.compile: on a GPU that read
+    would stall every forward, and in a compiled graph it would break the graph, so there an unpadded batch
+    should come without a mask (as MLM's full blocks do)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
 

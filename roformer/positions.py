@@ -158,12 +158,13 @@ def with_causal(mask: torch.Tensor | None, query_len: int, key_len: int, device:
 class Rope:
     """cos/sin (float32) for the positions of one forward pass, built once and shared by every layer.
 
-    On a GPU (or inside a torch.compile graph), bf16/fp16 q and k turn in their own dtype by the real form, with cos
-    and sin cast once per forward pass: no per-layer float32 copy of q and k, and elementwise maths the compiler
-    fuses. Each output is then a two-term sum of bf16 products: measured 0.23% mean / 0.64% max relative off the
-    float32 rotation (rounding float32's result to bf16: 0.14% / 0.33%); tests/test_positions.py bounds it. float32
-    q and k, and any dtype in eager CPU work, take the float32 complex product (one kernel each way, interleaved
-    pairs): in bf16 on the CPU, 8 ms against 19 ms for the real form (BERT-base q, 8 x 512, forward and backward).
+    Inside a torch.compile graph, and for bf16/fp16 q and k on a GPU, q and k turn in their own dtype by the real
+    form, with cos and sin cast once per forward pass: no per-layer float32 copy of q and k, and elementwise maths
+    the compiler fuses (the complex view breaks its graph at every layer). In bf16 each output is then a two-term
+    sum of bf16 products: measured 0.23% mean / 0.64% max relative off the float32 rotation (rounding float32's
+    result to bf16: 0.14% / 0.33%); tests/test_positions.py bounds it. Eager float32 anywhere, and any dtype in
+    eager CPU work, take the float32 complex product (one kernel each way, interleaved pairs): in bf16 on the
+    CPU, 8 ms against 19 ms for the real form (BERT-base q, 8 x 512, forward and backward).
     """
 
     cos: torch.Tensor
@@ -175,7 +176,7 @@ class Rope:
     """cos and sin cast to each other dtype asked for, once per forward pass: (T, d) or (B, 1, T, d)."""
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or (x.device.type == "cpu" and not torch.compiler.is_compiling()):
+        if not torch.compiler.is_compiling() and (x.dtype == torch.float32 or x.device.type == "cpu"):
             return self._rotate_in_float32(x)
         if x.dtype not in self.cast:
             cos, sin = (self.cos, self.sin) if self.cos.dim() == 2 else (self.cos[:, None], self.sin[:, None])

@@ -396,3 +396,26 @@ def test_the_cpu_only_kernels_stand_aside_while_torch_compile_traces(monkeypatch
         assert select_kernel(step, k, 0.0, "sdpa", need_weights=False) is sdpa_attention
     Dropout(0.1).train()(q)
     assert len(calls) == 1  # torch's own dropout, which the compiler fuses
+
+
+@pytest.mark.parametrize("position", ["rotary", "alibi"])
+def test_compiled_training_forwards_trace_as_one_graph(tiny_config, position):
+    """torch.compile sees each model's training forward whole: no CPU-only kernel, no complex-number RoPE view,
+    no read of the mask on the host breaks its graph (each did, once per layer). The masked-row MLM head is left
+    out: its row count comes from the labels."""
+    import torch._dynamo
+
+    small = dict(position=position, attention_dropout=0.1, hidden_dropout=0.1)
+    ids, labels = torch.randint(5, 97, (B, T)), torch.randint(0, 2, (B,))
+    cases = [
+        (roformer.RoFormerForMaskedLM(tiny_config(**small)), (ids,)),
+        (roformer.RoFormerForSequenceClassification(tiny_config(**small)), (ids, torch.ones_like(ids), None, labels)),
+        (roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, type_vocab_size=0, **small)),
+         (ids, torch.ones_like(ids), ids[:, :5], ids[:, :5])),
+    ]  # fmt: skip
+    for model, args in cases:
+        try:
+            explained = torch._dynamo.explain(model.train())(*args)
+        finally:
+            torch._dynamo.reset()
+        assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
