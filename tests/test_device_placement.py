@@ -121,17 +121,22 @@ def evaluate_with_meta_default(task_name: str, recipe: str, overrides: list[str]
     """Set the task up, collate two evaluation batches (data loading makes host tensors by design, which the
     trainer then moves), then evaluate with the batches and the model counting as on the device."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from roformer.config import load_config
     from roformer.tasks import get_task_class
 
     cfg = load_config(ROOT / "configs" / recipe, [*TINY_MODEL, *overrides, f"output_dir={tmp_path / task_name}"])
-    task, accelerator = get_task_class(task_name)(cfg), Accelerator(cpu=True)
-    task.setup(accelerator, tmp_path / task_name)
-    model = task.build_model().eval()
-    batches = [batch for _, batch in zip(range(2), task.eval_dataloader())]
-    with torch.no_grad(), HostTensorCheck():
-        metrics = task.evaluate(model, batches, accelerator)
+    AcceleratorState._reset_state()  # the state is per process: leave none behind for later tests
+    try:
+        task, accelerator = get_task_class(task_name)(cfg), Accelerator(cpu=True)
+        task.setup(accelerator, tmp_path / task_name)
+        model = task.build_model().eval()
+        batches = [batch for _, batch in zip(range(2), task.eval_dataloader())]
+        with torch.no_grad(), HostTensorCheck():
+            metrics = task.evaluate(model, batches, accelerator)
+    finally:
+        AcceleratorState._reset_state()
     assert metrics and all(isinstance(v, float) for v in metrics.values())
     return metrics
 
