@@ -3,6 +3,8 @@ forward and backward, with and without padding, with and without a position scor
 SDPA's is_causal; the KV cache against concatenation; and which kernel the selector picks (never a CPU-only one
 off the CPU or under torch.compile)."""
 
+import itertools
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -399,10 +401,10 @@ def test_the_cpu_only_kernels_stand_aside_while_torch_compile_traces(monkeypatch
 
 
 @pytest.mark.parametrize("position", ["rotary", "alibi"])
-def test_compiled_training_forwards_trace_as_one_graph(tiny_config, position):
-    """torch.compile sees each model's training forward whole: no CPU-only kernel, no complex-number RoPE view,
-    no read of the mask on the host breaks its graph (each did, once per layer). The masked-row MLM head is left
-    out: its row count comes from the labels."""
+def test_compiled_forwards_trace_as_one_graph(tiny_config, position):
+    """torch.compile sees each model's training and evaluation forward whole: no CPU-only kernel, no complex-number
+    RoPE view, no read of the mask on the host breaks its graph (the RoPE view did, once per layer). The masked-row
+    MLM head is left out: its row count comes from the labels (a read-back, and a graph break)."""
     import torch._dynamo
 
     small = dict(position=position, attention_dropout=0.1, hidden_dropout=0.1)
@@ -413,9 +415,10 @@ def test_compiled_training_forwards_trace_as_one_graph(tiny_config, position):
         (roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, type_vocab_size=0, **small)),
          (ids, torch.ones_like(ids), ids[:, :5], ids[:, :5])),
     ]  # fmt: skip
-    for model, args in cases:
+    for (model, args), training in itertools.product(cases, (True, False)):  # training steps, and evaluation
         try:
-            explained = torch._dynamo.explain(model.train())(*args)
+            with torch.set_grad_enabled(training):
+                explained = torch._dynamo.explain(model.train(training))(*args)
         finally:
             torch._dynamo.reset()
         assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
