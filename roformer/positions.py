@@ -12,8 +12,9 @@ At run time every scheme has the same entry points, so the models never branch o
 
 RoPE (Su et al. 2021, eq. 34): each pair of head dims is rotated by m * theta_i, theta_i = base^(-2i/d).
 `interleaved` pairs (x[2i], x[2i+1]) as in the paper and transformers' RoFormer; `half` pairs
-(x[i], x[i + d/2]) as in Llama / GPT-NeoX. Angles, cos and sin are float32 whatever the model dtype; q and k
-are rotated in their own dtype (bf16 under autocast), the tables cast to it once per forward pass.
+(x[i], x[i + d/2]) as in Llama / GPT-NeoX. Angles, cos and sin are float32 whatever the model dtype; on a GPU
+and in compiled graphs q and k are rotated in their own dtype (bf16 under autocast), the tables cast to it once
+per forward pass (`Rope` says when and why).
 """
 
 from __future__ import annotations
