@@ -17,6 +17,15 @@ TINY = ["data.corpus=files", f"data.train_files={DATA}", "data.max_documents=60"
         "train.global_batch_size=8", "train.save_every=2"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The precision is fixed once per process state: leave none behind (a later test's would be refused)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state()
+
+
 def losses(run_dir):
     return [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
 
