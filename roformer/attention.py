@@ -3,7 +3,8 @@
     out = softmax(q k^T / sqrt(hs) + bias, masked) v
 
 with q and k rotated by the position context (RoPE) and `bias` its score bias (ALiBi, T5), if any. Masks are
-boolean, True where a query may attend, shaped to broadcast to (B, nh, T_q, T_k). `eager_attention` is the
+boolean, True where a query may attend, shaped to broadcast to (B, nh, T_q, T_k); a causal context (the
+decoder's self-attention) also hides every key after a query's own position. `eager_attention` is the
 maths written out; the fast kernels (SDPA, CPU training with dropout, decoding) live in `roformer.kernels`,
 each tested equal to it, and `kernels.select_kernel` picks one per call.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from roformer.config import ModelConfig
 from roformer.kernels import KVCache, select_kernel
 from roformer.kernels.derived import derived
-from roformer.positions import NO_POSITIONS, PositionContext
+from roformer.positions import NO_POSITIONS, PositionContext, with_causal
 
 
 def eager_attention(
@@ -29,9 +30,13 @@ def eager_attention(
     mask: torch.Tensor | None,
     dropout_p: float,
     bias: torch.Tensor | None = None,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(hs) + bias, masked) v written out. q: (B, nh, T_q, hs); k, v: (B, nh, T_k, hs).
+    `causal`: query i (at key position T_k - T_q + i) also sees only the keys up to its own.
     Returns the output and the weights."""
+    if causal:
+        mask = with_causal(mask, q.shape[-2], k.shape[-2], q.device)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T_q, T_k)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)
@@ -94,7 +99,7 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.key, cache.value
         elif cache is not None:
             k, v = cache.append(k, v)
-        out, weights = self.attend(q, k, v, mask, positions.bias, need_weights)
+        out, weights = self.attend(q, k, v, mask, positions.bias, need_weights, positions.causal)
         return self.merge(out), weights
 
     def forward_rows(
@@ -114,10 +119,11 @@ class MultiHeadAttention(nn.Module):
         """(B, nh, T, hs) -> the output projection of the concatenated heads, (B, T, H)."""
         return self.out(out.transpose(1, 2).flatten(2))
 
-    def attend(self, q, k, v, mask, bias=None, need_weights=False):
-        """softmax(q k^T / sqrt(hs) + bias, masked) v, by the fast kernel for the call where one applies."""
+    def attend(self, q, k, v, mask, bias=None, need_weights=False, causal=False):
+        """softmax(q k^T / sqrt(hs) + bias, masked[, causally]) v, by the fast kernel for the call where one applies."""
         dropout_p = self.dropout if self.training else 0.0
+        causal = causal and q.shape[-2] > 1  # a single (newest) query sees every key
         kernel = select_kernel(q, k, dropout_p, self.impl, need_weights)
         if kernel is None:
-            return eager_attention(q, k, v, mask, dropout_p, bias)
-        return kernel(q, k, v, mask, bias, dropout_p), None
+            return eager_attention(q, k, v, mask, dropout_p, bias, causal)
+        return kernel(q, k, v, mask, bias, dropout_p, causal), None

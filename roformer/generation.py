@@ -134,14 +134,16 @@ def topk_by_blocks(x: torch.Tensor, k: int, block: int = 128) -> tuple[torch.Ten
     rows, width = x.shape
     if width < k * block:
         return x.topk(k, dim=1)
-    if width % block:
-        x = torch.nn.functional.pad(x, (0, block - width % block), value=NEG_INF)
-    blocks = x.view(rows, -1, block)
+    padded = torch.nn.functional.pad(x, (0, block - width % block), value=NEG_INF) if width % block else x
+    blocks = padded.view(rows, -1, block)
     best_blocks = blocks.amax(dim=-1).topk(k, dim=1, sorted=False).indices  # (n, k), in any order
     first_block = torch.arange(rows, device=x.device)[:, None] * blocks.shape[1]
     candidates = blocks.flatten(0, 1).index_select(0, (first_block + best_blocks).view(-1)).view(rows, -1)
     values, where = candidates.topk(k, dim=1)  # of the (n, k * block) candidates
-    return values, best_blocks.gather(1, where // block) * block + where % block
+    index = best_blocks.gather(1, where // block) * block + where % block
+    if width % block and bool(index.amax() >= width):  # a row with fewer than k entries above -inf took padding
+        return x.topk(k, dim=1)
+    return values, index
 
 
 def _prepare(model, input_ids, attention_mask, pad_id, eos_id, config: GenerationConfig):

@@ -107,8 +107,8 @@ class LinearMultiHeadAttention(MultiHeadAttention):
             raise ValueError("linear attention forms no score matrix to add a position bias to")
         q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
         # The linear form takes key padding and causality, not an arbitrary mask: a mask with one row per query
-        # is the decoder's causal mask, and its last row (the query that sees every earlier key) is the padding.
-        causal = self.causal or (mask is not None and mask.shape[-2] > 1)
+        # is a causal mask, and its last row (the query that sees every earlier key) is the padding.
+        causal = self.causal or positions.causal or (mask is not None and mask.shape[-2] > 1)
         key_mask = None if mask is None else mask[..., -1:, :].transpose(-2, -1).to(v.dtype)  # (B, 1, T, 1)
         out = linear_attention(self.phi(q, True), self.phi(k, False), v, positions.rope, key_mask, causal)
         out = F.dropout(out, self.dropout if self.training else 0.0)

@@ -26,6 +26,7 @@ from roformer.kernels import Dropout, KVCache
 from roformer.kernels.derived import derived, forget
 from roformer.linear_attention import ATTENTION_KINDS
 from roformer.positions import PositionContext, build_position_scheme
+from roformer.positions import causal_mask as causal_mask  # re-exported: built by the attention that needs it
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
@@ -61,17 +62,14 @@ class ModelOutput:
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, T_k) of 1/0 -> (B, 1, 1, T_k) bool, or None when nothing is padded (lets SDPA take its fast path).
-    Whether anything is padded is read only for a mask in host memory: on a GPU that read would stall every
-    forward, so there an unpadded batch should come without a mask (as MLM's full blocks do)."""
-    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
+    Whether anything is padded is read only for a mask in host memory, outside torch.compile: on a GPU that read
+    would stall every forward, and in a compiled graph it would break the graph, so there an unpadded batch
+    should come without a mask (as MLM's full blocks do)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
-
-
-def causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, T_q, T_k) bool: query i (at position key_len - query_len + i) sees keys up to itself."""
-    offset = key_len - query_len
-    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(offset)[None, None]
 
 
 def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
@@ -455,10 +453,11 @@ class RoFormerForSeq2SeqLM(PreTrainedModel):
         length = decoder_input_ids.shape[1]
         positions = range(past + length)
         x = self.embeddings(decoder_input_ids, positions[past:])
-        # the new tokens' queries against every key so far, the cached ones included; causal (T5: its own buckets)
+        # the new tokens' queries against every key so far, the cached ones included; causal (T5: its own buckets).
+        # No target padding mask: targets are right-padded, so a real token's causal window holds real tokens
+        # only, and the outputs at pad positions carry no loss. Causality alone lets SDPA run flash (`is_causal`).
         context = self.embeddings.positions.context(positions[past:], positions, causal=True, device=x.device)
-        mask = causal_mask(length, past + length, x.device) if length > 1 else None
-        hidden = self.decoder(x, mask, context, memory, padding_mask(attention_mask), caches).last_hidden_state
+        hidden = self.decoder(x, None, context, memory, padding_mask(attention_mask), caches).last_hidden_state
         return self.output_logits(hidden)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:

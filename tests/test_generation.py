@@ -199,6 +199,17 @@ def test_topk_by_blocks_equals_topk(width):
     assert torch.equal(values, expected_values)
     assert torch.equal(index[[0, 1, 2, 4, 5]], expected_index[[0, 1, 2, 4, 5]])
     assert torch.equal(scores.gather(1, index), values)  # -inf ties may pick other columns, of equal value
+    assert index.max() < width and all(len(set(row)) == 8 for row in index.tolist())  # never the padding
+
+
+def test_topk_by_blocks_never_returns_padding_columns_for_rows_mostly_minus_infinity():
+    """Beam search at a sentence's length limit: every candidate but EOS is -inf. The padding of the last block
+    ties with them and was once returned, an index past the row (seen as beam K of K: an IndexError)."""
+    scores = torch.full((2, 3 * 300), NEG_INF)  # K = 3 beams of a 300-token vocabulary: 900 = 7 blocks + 4
+    scores[:, [2, 302, 602]] = torch.tensor([-1.0, -2.0, -3.0])  # EOS of each beam
+    values, index = topk_by_blocks(scores, 6)
+    assert index.max() < 900 and all(len(set(row)) == 6 for row in index.tolist())
+    assert index[:, :3].tolist() == [[2, 302, 602]] * 2 and torch.equal(scores.gather(1, index), values)
 
 
 def test_one_generation_config_holds_the_decoding_defaults():

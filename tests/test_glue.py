@@ -430,6 +430,34 @@ def test_short_real_rte_fine_tune_writes_metrics_model_and_submission(tmp_path):
     assert set(labels) <= {"entailment", "not_entailment"}
 
 
+WITHOUT_HUB_PACKAGES = """import sys
+sys.modules["datasets"] = sys.modules["wandb"] = None  # as on a GPU image without them: importing either fails
+from roformer.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("datasets", "wandb") and sys.modules[name])
+assert not loaded, loaded
+sys.exit(code)
+"""
+
+
+@needs_shared_data
+def test_local_glue_trains_and_evaluates_without_datasets_or_wandb(tmp_path):
+    """GLUE from TSV files needs neither `datasets` (only hub names import it) nor `wandb` (log_with=none): the GPU
+    image, which has neither, runs it (tests/test_gpu.py's GLUE step)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "rte"
+    overrides = [*TINY_MODEL, f"data.data_dir={SHARED_GLUE}", f"output_dir={run}", "data.max_train_samples=64",
+                 "data.max_eval_samples=32", "train.num_epochs=null", "train.max_steps=2"]  # fmt: skip
+    command = [sys.executable, "-c", WITHOUT_HUB_PACKAGES, "finetune", "--config", str(TINY_RTE), *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [2]  # logged at the last step
+    assert 0.0 <= json.loads((run / "eval_results.json").read_text())["eval/accuracy"] <= 1.0
+
+
 @pytest.mark.slow
 def test_mnli_and_stsb_runs_score_both_dev_sets_and_write_each_submission(tmp_path):
     write_mnli(tmp_path / "glue" / "MNLI")

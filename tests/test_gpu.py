@@ -88,7 +88,6 @@ def test_a_resumed_gpu_run_continues_from_its_position(tmp_path):
 
 
 def test_a_glue_step_on_the_gpu(tmp_path):
-    pytest.importorskip("datasets", reason="GLUE encodes with datasets, which this GPU image lacks")
     if not GLUE.is_dir():
         pytest.skip(f"no GLUE data at {GLUE}")
     from roformer.config import load_config

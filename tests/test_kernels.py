@@ -1,6 +1,9 @@
 """The fast kernels (roformer/kernels/), each against the eager reference `roformer.attention.eager_attention`:
-forward and backward, with and without padding, with and without a position score bias; the KV cache against
-concatenation; and which kernel the selector picks."""
+forward and backward, with and without padding, with and without a position score bias; causal attention as
+SDPA's is_causal; the KV cache against concatenation; and which kernel the selector picks (never a CPU-only one
+off the CPU or under torch.compile)."""
+
+import itertools
 
 import pytest
 import torch
@@ -19,8 +22,8 @@ from roformer.kernels import (
     single_query_attention,
 )
 from roformer.kernels.cpu_training import Dropout
-from roformer.modeling import causal_mask, combine_masks, padding_mask
-from roformer.positions import ALiBiPositions, T5RelativePositions
+from roformer.modeling import combine_masks, padding_mask
+from roformer.positions import ALiBiPositions, T5RelativePositions, causal_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -224,7 +227,7 @@ def test_selector_picks_each_kernel_where_it_applies():
     assert select_kernel(q, k, 0.0, "sdpa", need_weights=False) is sdpa_attention
     assert select_kernel(q, k, 0.0, "eager", need_weights=False) is None  # the reference
     assert select_kernel(q, k, 0.0, "sdpa", need_weights=True) is None  # only the reference gives the weights
-    assert select_kernel(q, k, 0.1, "sdpa", need_weights=False) is dropout_attention  # CPU training
+    assert select_kernel(q, k, 0.1, "sdpa", need_weights=False) is roformer.kernels._dropout  # CPU training
     with torch.no_grad():
         assert select_kernel(q, k, 0.1, "sdpa", need_weights=False) is sdpa_attention  # nothing to save for backward
         assert select_kernel(step, k, 0.0, "sdpa", need_weights=False) is roformer.kernels._single_query
@@ -257,3 +260,165 @@ def test_training_on_cpu_uses_the_lean_dropout_attention(tiny_config, monkeypatc
         attn(torch.randn(B, T, 32))  # inference: SDPA
     attn.eval()(torch.randn(B, T, 32))
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Causal attention: SDPA's is_causal, without a mask tensor
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "dropout"])
+@pytest.mark.parametrize("mask_name", ["none", "padding"])
+def test_causal_kernels_equal_the_reference_with_the_causal_mask(kernel, mask_name):
+    q, k, v = _inputs()
+    mask = MASKS[mask_name]()
+    expected, _ = eager_attention(q, k, v, combine_masks(mask, causal_mask(T, T, q.device)), 0.0)
+    chosen = sdpa_attention if kernel == "sdpa" else roformer.kernels._dropout
+    assert_same_values_and_grads(chosen(q, k, v, mask, None, 0.0, True), expected, (q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_causal_attention_alone_asks_sdpa_for_is_causal_and_passes_no_mask(monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw)
+    )
+    q, k, v = _inputs()
+    sdpa_attention(q, k, v, None, None, 0.0, causal=True)
+    assert calls[-1].get("is_causal") is True and calls[-1].get("attn_mask") is None  # flash attention's form
+    sdpa_attention(q, k, v, padding_mask(_padding()), None, 0.0, causal=True)  # padding too: one merged mask
+    assert not calls[-1].get("is_causal") and calls[-1]["attn_mask"].shape == (B, 1, T, T)
+    sdpa_attention(q[..., -3:, :], k, v, None, None, 0.0, causal=True)  # queries after cached keys: not top-left
+    assert not calls[-1].get("is_causal") and calls[-1]["attn_mask"].shape == (1, 1, 3, T)
+
+
+def _seq2seq_batch(padded: bool):
+    """A source batch (left-aligned, padded at the end) and right-padded targets whose pad labels are -100."""
+    ids, targets = torch.randint(4, 97, (B, 11)), torch.randint(4, 97, (B, 7))
+    attention_mask, labels = torch.ones_like(ids), targets.clone()
+    if padded:
+        attention_mask[1, 7:], attention_mask[2, 3:] = 0, 0
+        ids[attention_mask == 0] = 0
+        labels[1, 4:], labels[2, 2:] = -100, -100
+        targets[labels == -100] = 0  # pad tokens as decoder inputs past the end
+    return ids, attention_mask, targets, labels
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("position", ["rotary", "sinusoidal", "learned", "none", "alibi", "t5_relative"])
+def test_the_decoder_equals_its_explicit_mask_reference(tiny_config, position, padded, monkeypatch):
+    """The decoder's self-attention runs as SDPA `is_causal` where nothing else masks it (the score-bias schemes
+    merge the causal mask with their bias): the same loss, logits and gradients as the eager reference with the
+    causal mask written out (float32, CPU)."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(kw) or sdpa(*a, **kw)
+    )
+    cfg = tiny_config(
+        position=position, num_decoder_layers=2, type_vocab_size=0, hidden_dropout=0.0, attention_dropout=0.0
+    )
+    fast = roformer.RoFormerForSeq2SeqLM(cfg).train()
+    reference = roformer.RoFormerForSeq2SeqLM(tiny_config(**{**vars(cfg), "attention_impl": "eager"})).train()
+    reference.load_state_dict(fast.state_dict())
+    ids, attention_mask, targets, labels = _seq2seq_batch(padded)
+    outs = [m(ids, attention_mask, targets, labels) for m in (fast, reference)]
+    assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-5)
+    assert_close(outs[0].loss, outs[1].loss, atol=1e-6, rtol=1e-6)
+    for a, e in zip(torch.autograd.grad(outs[0].loss, list(fast.parameters()), allow_unused=True),
+                    torch.autograd.grad(outs[1].loss, list(reference.parameters()), allow_unused=True)):  # fmt: skip
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert_close(a, e, atol=1e-5, rtol=1e-4)
+    is_causal = [kw.get("is_causal", False) for kw in calls]
+    assert is_causal.count(True) == (0 if position in ("alibi", "t5_relative") else 2)  # each decoder layer once
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "eager", "linear", "alibi", "t5_relative"])
+def test_the_decoder_never_sees_later_target_tokens(tiny_config, kind):
+    """Causality travels as a flag of the decoder's position context, not a mask tensor: every attention path
+    (SDPA's is_causal, the eager reference, linear attention's causal form, a score bias merged with the causal
+    mask: alibi, t5_relative) honours it."""
+    settings = {"sdpa": {}, "eager": {"attention_impl": "eager"}, "linear": {"attention": "linear"}}
+    extra = settings.get(kind, {"position": kind})
+    model = roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, type_vocab_size=0, **extra)).eval()
+    ids, targets = torch.randint(4, 97, (B, 8)), torch.randint(4, 97, (B, 7))
+    changed = targets.clone()
+    changed[:, 4:] = torch.randint(4, 97, (B, 3))
+    with torch.no_grad():
+        before, after = model(ids, None, targets).logits, model(ids, None, changed).logits
+    assert_close(before[:, :4], after[:, :4])  # positions 0-3 never saw 4-6
+    assert not torch.allclose(before[:, 4:], after[:, 4:])
+
+
+def test_right_padded_targets_need_no_key_padding_in_the_decoder():
+    """Why the decoder drops the target padding mask: with pads only at the end, a real query's causal window holds
+    real keys only, so adding key padding changes nothing at the real positions (pad rows carry no loss)."""
+    q, k, v = _inputs()
+    real = torch.ones(B, T, dtype=torch.long)
+    real[1, 5:], real[2, 1:] = 0, 0
+    causal = causal_mask(T, T, q.device)
+    with_padding, _ = eager_attention(q, k, v, combine_masks(causal, padding_mask(real)), 0.0)
+    causal_only = sdpa_attention(q, k, v, None, None, 0.0, causal=True)
+    rows = real.bool()[:, None, :, None].expand_as(causal_only)
+    assert_close(causal_only[rows], with_padding[rows], atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU-only kernels stay off CUDA and off torch.compile
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_cpu_only_kernels_are_never_chosen_off_the_cpu():
+    """`meta` stands in for a CUDA device: the selector reads only the device type, which is not "cpu"."""
+    meta = torch.device("meta")
+    q, k = torch.empty(B, H, T, D, device=meta), torch.empty(B, H, T, D, device=meta)
+    assert select_kernel(q, k, 0.1, "sdpa", need_weights=False) is sdpa_attention  # training with dropout
+    with torch.no_grad():
+        step = torch.empty(B, H, 1, D, device=meta)
+        assert select_kernel(step, k, 0.0, "sdpa", need_weights=False) is sdpa_attention  # a decoding step
+        beams = torch.empty(B * 4, H, 1, D, device=meta)
+        # beams sharing one source row: SDPA cannot broadcast B rows of keys to B * 4 queries, the eager reference
+        # neither; the grouped kernel is two bmms, device-neutral, run without autograd only
+        assert select_kernel(beams, k, 0.0, "sdpa", need_weights=False) is roformer.kernels._single_query
+    x = torch.empty(B, T, 32, device=meta)
+    assert Dropout(0.1).train()(x).device == meta  # torch's dropout: ours would draw its mask on the device too
+
+
+def test_the_cpu_only_kernels_stand_aside_while_torch_compile_traces(monkeypatch):
+    q, k = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    calls = []
+    monkeypatch.setattr(roformer.kernels.cpu_training._Dropout, "apply", lambda *a: calls.append(a) or a[0])
+    Dropout(0.1).train()(q)
+    assert select_kernel(q, k, 0.1, "sdpa", need_weights=False) is roformer.kernels._dropout and len(calls) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert select_kernel(q, k, 0.1, "sdpa", need_weights=False) is sdpa_attention
+    with torch.no_grad():
+        step = torch.randn(B, H, 1, D)
+        assert select_kernel(step, k, 0.0, "sdpa", need_weights=False) is sdpa_attention
+    Dropout(0.1).train()(q)
+    assert len(calls) == 1  # torch's own dropout, which the compiler fuses
+
+
+@pytest.mark.parametrize("position", ["rotary", "alibi"])
+def test_compiled_forwards_trace_as_one_graph(tiny_config, position):
+    """torch.compile sees each model's training and evaluation forward whole: no CPU-only kernel, no complex-number
+    RoPE view, no read of the mask on the host breaks its graph (the RoPE view did, once per layer). The masked-row
+    MLM head is left out: its row count comes from the labels (a read-back, and a graph break)."""
+    import torch._dynamo
+
+    small = dict(position=position, attention_dropout=0.1, hidden_dropout=0.1)
+    ids, labels = torch.randint(5, 97, (B, T)), torch.randint(0, 2, (B,))
+    cases = [
+        (roformer.RoFormerForMaskedLM(tiny_config(**small)), (ids,)),
+        (roformer.RoFormerForSequenceClassification(tiny_config(**small)), (ids, torch.ones_like(ids), None, labels)),
+        (roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, type_vocab_size=0, **small)),
+         (ids, torch.ones_like(ids), ids[:, :5], ids[:, :5])),
+    ]  # fmt: skip
+    for (model, args), training in itertools.product(cases, (True, False)):  # training steps, and evaluation
+        try:
+            with torch.set_grad_enabled(training):
+                explained = torch._dynamo.explain(model.train(training))(*args)
+        finally:
+            torch._dynamo.reset()
+        assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]

@@ -17,6 +17,15 @@ TINY = ["data.corpus=files", f"data.train_files={DATA}", "data.max_documents=60"
         "train.global_batch_size=8", "train.save_every=2"]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The precision is fixed once per process state: leave none behind (a later test's would be refused)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state()
+
+
 def losses(run_dir):
     return [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
 
@@ -59,3 +68,44 @@ def test_compiled_and_eager_training_give_the_same_losses_and_weights_that_reloa
     assert not any(k.startswith("_orig_mod") for k in reloaded.state_dict())
     resumed = run(tmp_path, "compiled", "train.compile=true", "train.max_steps=6", "train.resume_from=latest")
     assert len(losses(resumed)) == 6
+
+
+GPU_IMAGE_PATHS = """import runpy, sys
+sys.modules["datasets"] = sys.modules["wandb"] = None  # as on the GPU image: importing either fails
+import roformer.bleu, roformer.flops, roformer.generation, roformer.prepared, roformer.trainer  # noqa
+import roformer.tasks.glue, roformer.tasks.mlm, roformer.tasks.translation  # noqa
+for bench in ("bench_model.py", "bench_translate.py"):  # the device check's benchmarks, imported
+    runpy.run_path(f"benchmarks/{bench}", run_name="imported")
+from roformer.cli import main
+for argv in sys.argv[1:]:
+    assert main(argv.split("|")) == 0, argv
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("datasets", "wandb") and sys.modules[name])
+assert not loaded, loaded
+"""
+
+
+@pytest.mark.skipif(not (DATA.parents[1] / "multi30k" / "train.en").is_file(), reason="no ../shared/data/multi30k")
+def test_the_gpu_check_paths_need_neither_datasets_nor_wandb(tmp_path):
+    """The GPU image has neither `datasets` nor `wandb`: the modules and commands the device check uses (MLM from
+    files, translation from local files, evaluate-bleu, the benchmarks) import neither. (GLUE: tests/test_glue.py.)"""
+    import subprocess
+    import sys
+
+    multi30k = DATA.parents[1] / "multi30k"
+    tiny_model = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.intermediate_size=64",
+                  "train.max_steps=1", "train.log_with=none"]  # fmt: skip
+    pretrain = ["pretrain", "--config", str(ROOT / "configs" / "pretrain" / "tiny.yaml"), *TINY[:5], *tiny_model,
+                "train.max_steps=1", f"output_dir={tmp_path / 'mlm'}"]  # fmt: skip
+    translate = ["translate", "--config", str(ROOT / "configs" / "wmt14" / "multi30k_small.yaml"), *tiny_model,
+                 "model.num_decoder_layers=1", "data.max_train_samples=64", "data.max_eval_samples=4",
+                 "data.bpe_vocab_size=300", "data.max_tokens=256", f"output_dir={tmp_path / 'mt'}",
+                 f"data.train_prefix={multi30k / 'train'}", f"data.valid_prefix={multi30k / 'val'}",
+                 f"data.test_prefix={multi30k / 'test_2016_flickr'}"]  # fmt: skip
+    (tmp_path / "src.en").write_text("A man rides a bike.\nTwo dogs play.\n")
+    (tmp_path / "ref.de").write_text("Ein Mann fährt Fahrrad.\nZwei Hunde spielen.\n")
+    bleu = ["evaluate-bleu", "--checkpoint", str(tmp_path / "mt" / "final"), "--src", str(tmp_path / "src.en"),
+            "--ref", str(tmp_path / "ref.de"), "--beam", "2", "--max_len_b", "8", "--device", "cpu"]  # fmt: skip
+    command = [sys.executable, "-c", GPU_IMAGE_PATHS, *("|".join(argv) for argv in (pretrain, translate, bleu))]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlm" / "final").is_dir() and (tmp_path / "mt" / "final").is_dir()

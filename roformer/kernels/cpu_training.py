@@ -50,10 +50,12 @@ class _Dropout(torch.autograd.Function):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, drawing its mask from 16-bit integers when training on CPU (torch's own kernel elsewhere)."""
+    """nn.Dropout, drawing its mask from 16-bit integers when training on CPU (torch's own kernel elsewhere, and
+    inside a `torch.compile` graph, which fuses torch's dropout into its neighbours)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
+        ours = x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if self.training and self.p > 0 and ours:
             return _Dropout.apply(x, self.p)
         return super().forward(x)
 

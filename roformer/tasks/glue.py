@@ -5,7 +5,8 @@ Local files (`data.data_dir`) follow the layout of GLUE's download script: `<roo
 (`dev_matched.tsv` and `dev_mismatched.tsv` for MNLI) and `test.tsv` (`test_matched.tsv`, `test_mismatched.tsv`),
 each with that task's own columns (CoLA's train/dev have no header row). `data.data_dir` may also name the task's
 folder itself. TSVs are read with `csv.QUOTE_NONE` because GLUE text holds unbalanced quotes; a row with the
-wrong number of fields is skipped with a warning naming the file and line, as GLUE's own readers do.
+wrong number of fields is skipped with a warning naming the file and line, as GLUE's own readers do. Local files
+need no `datasets` package: only hub names import it.
 
 One alternate layout is supported, `data.layout=mnli_sample`: TextFooler's MNLI dev samples (files `mnli_matched`
 and `mnli_mismatched`, rows `label<TAB>premise<TAB>hypothesis`, no header). It holds dev data only, so it can be
@@ -209,6 +210,26 @@ def table_examples(table: TSVTable, spec: GLUESpec, labelled: bool) -> list[dict
     return examples
 
 
+class EncodedExamples(torch.utils.data.Dataset):
+    """Tokenized examples held as columns of equal length: `ds[i]` is example i as a dict (what
+    DataCollatorWithPadding takes), `ds["input_ids"]` a whole column."""
+
+    def __init__(self, columns: dict[str, list]):
+        self.columns = columns
+        self.length = len(next(iter(columns.values()), []))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.columns[key]
+        return {name: values[key] for name, values in self.columns.items()}
+
+    def remove_columns(self, *names: str) -> EncodedExamples:
+        return EncodedExamples({k: v for k, v in self.columns.items() if k not in names})
+
+
 @dataclass
 class GLUEData:
     """Examples of one task: the training set, the dev sets (metric suffix, examples), the test sets
@@ -410,23 +431,22 @@ class GLUETask(Task):
                 f"(model.max_position_embeddings={model.max_position_embeddings})"
             )
 
-    def _encode(self, examples: list[dict]):
-        """Examples -> a datasets.Dataset of input_ids, token_type_ids, attention_mask (unpadded), idx[, labels]."""
-        import datasets
-
-        def tokenize(batch):
-            text_b = batch.get("text_b")  # None: single sentences
-            return self.tokenizer(
-                batch["text_a"],
-                text_b,
-                truncation=True,
-                max_length=self.data.max_seq_length,
-                return_token_type_ids=True,
-            )
-
-        dataset = datasets.Dataset.from_list(examples)
-        text_columns = [c for c in ("text_a", "text_b") if c in dataset.column_names]
-        return dataset.map(tokenize, batched=True, remove_columns=text_columns)
+    def _encode(self, examples: list[dict]) -> EncodedExamples:
+        """Examples -> input_ids, token_type_ids, attention_mask (unpadded), idx[, labels], one batch call of the
+        fast tokenizer over every text (no `datasets` needed: GLUE sets fit in memory many times over)."""
+        text_b = [ex["text_b"] for ex in examples] if examples and "text_b" in examples[0] else None  # None: single
+        encoded = self.tokenizer(
+            [ex["text_a"] for ex in examples],
+            text_b,
+            truncation=True,
+            max_length=self.data.max_seq_length,
+            return_token_type_ids=True,
+        )
+        columns = {key: list(values) for key, values in encoded.items()}
+        for key in ("idx", "labels"):
+            if examples and key in examples[0]:
+                columns[key] = [ex[key] for ex in examples]
+        return EncodedExamples(columns)
 
     # ---- model and data ------------------------------------------------------------------------
 
