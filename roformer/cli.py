@@ -29,27 +29,40 @@ class _PositionSchemes:
         return name in list(self)
 
 
-def _training_command(task: str):
-    def run(args) -> int:
-        from roformer.config import load_config
-        from roformer.trainer import Interrupted, TrainingDiverged, train
+TRAINING = (
+    ("pretrain", "mlm", "masked-LM pretraining"),
+    ("finetune", "glue", "GLUE fine-tuning"),
+    ("translate", "translation", "translation training (WMT14 En-De, Multi30k)"),
+)
+TRAINING_TASKS = {name: task for name, task, _ in TRAINING}
 
-        cfg = load_config(args.config, args.overrides)
-        if cfg.task != task:
-            raise UserError(f"{args.config}: task={cfg.task!r}, but this command trains task={task!r}")
-        try:
-            results = train(cfg)
-        except TrainingDiverged as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except Interrupted as err:  # outside the training loop: nothing new to save
-            print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
-            return 130
-        if results.get("status") != "interrupted" and int(os.environ.get("RANK", "0")) == 0:  # once, not per process
-            print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
-        return 0
 
-    return run
+def load_training_config(args):
+    """The recipe of a training command with its overrides; a recipe for another task is refused."""
+    from roformer.config import load_config
+
+    cfg, task = load_config(args.config, args.overrides), TRAINING_TASKS[args.command]
+    if cfg.task != task:
+        raise UserError(f"{args.config}: task={cfg.task!r}, but this command trains task={task!r}")
+    return cfg
+
+
+def training_command(args) -> int:
+    """pretrain, finetune, translate: train the recipe."""
+    from roformer.trainer import Interrupted, TrainingDiverged, train
+
+    cfg = load_training_config(args)
+    try:
+        results = train(cfg)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:  # outside the training loop: nothing new to save
+        print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
+    if results.get("status") != "interrupted" and int(os.environ.get("RANK", "0")) == 0:  # once, not per process
+        print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
+    return 0
 
 
 def compare_command(args) -> int:
@@ -197,16 +210,16 @@ def glue_table_command(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser, for `roformer launch`
 
-    for name, task, help_text in (
-        ("pretrain", "mlm", "masked-LM pretraining"),
-        ("finetune", "glue", "GLUE fine-tuning"),
-        ("translate", "translation", "translation training (WMT14 En-De, Multi30k)"),
-    ):
+    # only listed here: main() hands `launch` its words unparsed (they are accelerate's options, then a command)
+    sub.add_parser("launch", help="accelerate launch, after checking its config file and the command: see launch -h")
+
+    for name, _, help_text in TRAINING:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", required=True, help="a YAML recipe from configs/")
         p.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. model.position=sinusoidal")
-        p.set_defaults(func=_training_command(task))
+        p.set_defaults(func=training_command)
 
     p = sub.add_parser("glue-sweep", help="the paper's GLUE protocol: learning rates x seeds, then its Table 2")
     p.add_argument("--tasks", nargs="+", default=["mrpc", "sst2", "qnli", "stsb", "qqp", "mnli"])
@@ -310,6 +323,15 @@ def check_numbers(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from roformer.launch import main as launch
+
+        try:
+            return launch(argv[1:])
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         check_numbers(args)
