@@ -278,6 +278,40 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def deny_writes(monkeypatch, *places: Path) -> None:
+    """`places` read-only as os.access sees them: root may write anywhere, so chmod cannot make the test."""
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() in {p.resolve() for p in places}:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_a_read_only_output_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    deny_writes(monkeypatch, run_dir)
+    assert pretrain(run_dir, "train.max_steps=2") == 2
+    assert one_error_line(capsys) == f"error: output_dir={run_dir}: not writable"
+    assert list(run_dir.iterdir()) == []  # not even a lock file
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
+    run_dir, real_mkdir = tmp_path / "read_only" / "run", Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # a read-only parent, as a non-root user meets it
+        if self == run_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert pretrain(run_dir, "train.max_steps=2") == 2
+    assert one_error_line(capsys) == f"error: output_dir={run_dir}: cannot be created (Permission denied)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Harmful case 5: a resume continues the same run
 # --------------------------------------------------------------------------------------------------
@@ -408,6 +442,25 @@ def test_evaluate_bleu_checks_output_places_before_decoding(bleu_files, tmp_path
     assert f"--out {tmp_path}: is a directory" in one_error_line(capsys)
     assert main(["evaluate-bleu", *bleu_files, "--json", str(tmp_path / "a_file" / "scores.json")]) == 2
     assert "is a file, not a directory" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_evaluate_bleu_refuses_a_read_only_place_before_decoding(bleu_files, tmp_path, monkeypatch, capsys, flag):
+    import roformer.bleu
+
+    def decode(*args, **kwargs):
+        raise AssertionError("decoding started before the output place was checked")
+
+    monkeypatch.setattr(roformer.bleu, "evaluate_bleu", decode)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    (read_only / "old.txt").write_text("kept")
+    deny_writes(monkeypatch, read_only, read_only / "old.txt")
+    for path in (read_only / "new.txt", read_only / "old.txt", read_only / "sub" / "new.txt"):
+        assert main(["evaluate-bleu", *bleu_files, "--device", "cpu", flag, str(path)]) == 2
+        target = path if path.exists() else read_only
+        assert one_error_line(capsys) == f"error: {flag} {path}: {target} is not writable"
+    assert (read_only / "old.txt").read_text() == "kept"
 
 
 def test_evaluate_bleu_refuses_a_max_len_beyond_a_learned_table(tmp_path, capsys):
