@@ -96,6 +96,38 @@ def launch_two(script: Path, args: list[str], port: int, timeout: int = 300) -> 
 
 
 # --------------------------------------------------------------------------------------------------
+# Harmful case 1: a GLUE run trained from scratch could not be resumed (tests/test_glue.py has the run itself);
+# a rerun of glue-sweep resumes its interrupted runs the same way
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="../shared/data/glue is not here")
+def test_a_rerun_glue_sweep_resumes_its_interrupted_run_from_scratch(tmp_path):
+    from roformer.glue_sweep import sweep
+
+    overrides = [
+        "init_from=null",  # from scratch: the tokenizer is trained on the task (500 words, not BERT's 30,522)
+        f"data.data_dir={DATA / 'glue'}",
+        "data.tokenizer_vocab_size=500",
+        "data.max_train_samples=64",
+        "data.max_seq_length=64",
+        *[f"model.{key}" for key in ("hidden_size=32", "num_layers=1", "num_heads=2", "intermediate_size=64")],
+        "model.max_position_embeddings=64",
+        *["train.num_epochs=null", "train.max_steps=4", "train.per_device_batch_size=8", "train.eval_every=1000"],
+        *["train.save_every=1000", "train.mixed_precision=no", "train.log_with=none"],
+    ]
+    args = (["wnli"], [3e-5], [7], tmp_path, ROOT / "configs" / "glue", overrides)
+    run = tmp_path / "wnli" / "lr3e-05_seed7"
+    with pytest.MonkeyPatch.context() as patch:  # stopped after step 2, as SIGTERM would stop it
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 2)
+        sweep(*args)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_2"]
+    assert not (run / "eval_results.json").exists()
+    assert sweep(*args)["wnli"].best()[0] == 3e-5  # the same command again: resumed and finished
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
 # Harmful case 2: an epoch without a batch spun forever and ignored SIGTERM
 # --------------------------------------------------------------------------------------------------
 
