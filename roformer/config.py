@@ -573,6 +573,17 @@ def _check_lengths_fit(cfg: RunConfig, origin: str) -> None:
                 f"{origin}: data.{name}={length} is longer than model.position={cfg.model.position!r} allows "
                 f"(model.max_position_embeddings={rows}); use at most {rows} or a scheme without a table"
             )
+    data = cfg.data
+    if hasattr(data, "max_len_b"):  # translation: the decoder's table must also hold the longest translation
+        # evaluation cuts sources to max_source_length (EOS included); BOS + that many tokens are decoded
+        longest = int(data.max_len_a * (data.max_source_length - 1) + data.max_len_b)
+        if longest + 1 > rows:
+            raise ConfigError(
+                f"{origin}: data.max_len_a={data.max_len_a} and data.max_len_b={data.max_len_b} allow translations "
+                f"of {longest} tokens (sources of data.max_source_length={data.max_source_length}), but "
+                f"model.position={cfg.model.position!r} has {rows} positions (at most {rows - 1} tokens after BOS); "
+                "lower them or use a scheme without a table"
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -515,6 +515,20 @@ def test_evaluate_bleu_refuses_a_max_len_beyond_a_learned_table(tmp_path, capsys
     assert main([*argv, "--max_len_b", "10"]) == 0
 
 
+def test_training_refuses_a_decoding_length_beyond_a_learned_table(tmp_path, capsys):
+    """Evaluation during training decoded past the table after all the training, blaming the input."""
+    recipe = ROOT / "configs" / "wmt14" / "multi30k_small.yaml"
+    argv = ["translate", "--config", str(recipe), "model.position=learned", "model.max_position_embeddings=40"]
+    argv += ["data.max_source_length=40", "data.max_target_length=40", f"output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    assert (
+        "data.max_len_a=1.2 and data.max_len_b=10 allow translations of 56 tokens (sources of "
+        "data.max_source_length=40), but model.position='learned' has 40 positions (at most 39 tokens after BOS)"
+    ) in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    load_config(recipe, [*argv[3:5], "data.max_source_length=20", "data.max_target_length=20"])  # 33 fit in 40
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
