@@ -398,9 +398,10 @@ def _scramble(path: Path) -> None:
         lambda step: _truncate(step / "model.safetensors"),
         lambda step: _truncate(step / "optimizer.bin"),
         lambda step: _scramble(step / "model.safetensors"),
+        lambda step: _scramble(step / "random_states_0.pkl"),  # accelerate ignored it: a silently inexact resume
         lambda step: (step / "trainer_state.json").write_text(""),
     ],
-    ids=["truncated-weights", "truncated-optimizer", "corrupted-weights", "empty-trainer-state"],
+    ids=["truncated-weights", "truncated-optimizer", "corrupted-weights", "corrupted-rng", "empty-trainer-state"],
 )
 def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(stopped_run, tmp_path, capsys, damage):
     run_dir = copy_run(stopped_run, tmp_path / "run")
