@@ -24,6 +24,8 @@ from roformer.errors import UserError
 USAGE = __doc__.split("\n\n")[1].strip()
 GPU_TYPES = {"MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
 """distributed_type values whose processes each want a CUDA GPU (unless run on CPU)."""
+LEAST = {"num_processes": 1, "num_machines": 1, "machine_rank": 0, "main_process_port": 1}
+"""accelerate launch's numeric options and their smallest sensible values."""
 
 
 def _accelerate_parser():
@@ -126,6 +128,10 @@ def preflight(argv: list[str]) -> list[str]:
     from roformer.cli import build_parser, check_numbers, load_training_config
 
     options, args, command, rest = split_argv(argv)
+    for name, least in LEAST.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise UserError(f"roformer launch: --{name}={value}: must be at least {least}")
     on_cpu = args.cpu or bool(str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")))
     # accelerate reads the given file, or else its default one (unless --cpu): the same here
     config_file, flag = args.config_file, "--config_file"

@@ -73,6 +73,8 @@ def test_each_shipped_accelerate_config_loads(path):
         (["pretrian"], "roformer launch: 'pretrian' is not a roformer command; expected one of ['pretrain', "),
         (["--num_processes"], "roformer launch: argument --num_processes/--num-processes: expected one argument"),
         (["--num_processes", "2"], "name a roformer command after the launcher's options"),
+        (["--num_processes", "0", *PRETRAIN], "roformer launch: --num_processes=0: must be at least 1"),
+        (["--machine_rank", "-1", *PRETRAIN], "roformer launch: --machine_rank=-1: must be at least 0"),
         (["-m", *PRETRAIN], "--module and --no_python are not allowed"),
         ([*PRETRAIN, "model.positon=rotary"], "model.positon"),  # the recipe and overrides: once, not per process
         (["finetune", "--config", str(RECIPE)], "task='mlm', but this command trains task='glue'"),

@@ -537,6 +537,12 @@ def test_training_refuses_a_decoding_length_beyond_a_learned_table(tmp_path, cap
         (["extrapolate", "run", "--max_tokens", "-1"], "--max_tokens=-1: must be at least 1"),
         (["glue-sweep", "--learning_rates", "0"], "--learning_rates=0.0: must be positive"),
         (["compare", "run", "--at-steps", "-1"], "--at-steps=-1: must be at least 0"),
+        (["glue-sweep", "--seeds", "-1"], "--seeds=-1: must be at least 0"),
+        (["demo", "--seeds", "1", "-2"], "--seeds=-2: must be at least 0"),
+        (
+            ["prepare", "--config", str(RECIPE), "--out", "unused", "--num_proc", "0"],
+            "--num_proc=0: must be at least 1",
+        ),
     ],
 )
 def test_numeric_arguments_of_other_commands(capsys, argv, expected):
