@@ -78,10 +78,12 @@ def convert_command(args) -> int:
     """Ours -> transformers or transformers -> ours, decided by what the source directory holds."""
     from roformer.interop import from_transformers, to_transformers
     from roformer.modeling import MODEL_CLASSES, load_pretrained, read_model_meta
+    from roformer.rundir import check_model_dir
 
     src, dst = Path(args.source), Path(args.dest)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: no config.json here (expected a model directory)")
+    check_model_dir(dst)
     if read_model_meta(src).get("architecture") in MODEL_CLASSES:
         hf_model = to_transformers(load_pretrained(src))
         hf_model.save_pretrained(dst)
@@ -142,7 +144,9 @@ def evaluate_bleu_command(args) -> int:
 
 def average_checkpoints_command(args) -> int:
     from roformer.checkpointing import write_averaged_model
+    from roformer.rundir import check_model_dir
 
+    check_model_dir(args.out, "--out")
     out = write_averaged_model(args.checkpoints, args.out, args.like)
     print(f"wrote the mean weights of {len(args.checkpoints)} checkpoints to {out}")
     return 0

@@ -496,6 +496,31 @@ def test_evaluate_bleu_refuses_a_read_only_place_before_decoding(bleu_files, tmp
     assert (read_only / "old.txt").read_text() == "kept"
 
 
+def test_convert_and_average_check_their_output_directory_first(tmp_path, monkeypatch, capsys):
+    """A file there gave a traceback after the work; an existing model there was silently replaced."""
+    from roformer import ModelConfig, RoFormerForMaskedLM
+
+    config = ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    RoFormerForMaskedLM(config).save_pretrained(tmp_path / "model")
+    RoFormerForMaskedLM(config).save_pretrained(tmp_path / "kept")
+    (tmp_path / "a_file").write_text("x")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    deny_writes(monkeypatch, read_only)
+    before = (tmp_path / "kept" / "model.safetensors").read_bytes()
+    for out, expected in [
+        (tmp_path / "a_file", "is a file, not a directory"),
+        (tmp_path / "kept", "already holds a model (config.json, model.safetensors); choose a new directory"),
+        (read_only / "new", f"{read_only} is not writable"),
+    ]:
+        assert main(["convert", str(tmp_path / "model"), str(out)]) == 2
+        assert one_error_line(capsys) == f"error: {out}: {expected}"
+        assert main(["average-checkpoints", "RUN/checkpoints/step_1", "--out", str(out)]) == 2
+        assert one_error_line(capsys) == f"error: --out {out}: {expected}"
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_evaluate_bleu_refuses_a_max_len_beyond_a_learned_table(tmp_path, capsys):
     from roformer import ModelConfig, RoFormerForSeq2SeqLM
     from roformer.tasks.translation import train_joint_bpe
