@@ -67,7 +67,10 @@ def training_command(args) -> int:
 
 def compare_command(args) -> int:
     from roformer.compare import compare_runs
+    from roformer.rundir import check_writable_file
 
+    if args.out:
+        check_writable_file(args.out, "--out")
     print(compare_runs(args.runs, args.out, args.at_steps))
     if args.out:
         print(f"plot: {args.out}")
@@ -161,7 +164,10 @@ def demo_command(args) -> int:
 
 def extrapolate_command(args) -> int:
     from roformer.extrapolation import evaluate_lengths, format_rows, plot_rows
+    from roformer.rundir import check_writable_file
 
+    if args.out:  # before the evaluations
+        check_writable_file(args.out, "--out")
     rows = evaluate_lengths(args.runs, args.factors, args.scalings, args.max_tokens)
     print(format_rows(rows))
     if args.out:
@@ -171,7 +177,9 @@ def extrapolate_command(args) -> int:
 
 def train_tokenizer_command(args) -> int:
     from roformer.demo import train_shared_tokenizer
+    from roformer.rundir import check_model_dir
 
+    check_model_dir(args.out, "--out")  # not a file; a tokenizer that runs may share is never replaced
     print(f"wrote {train_shared_tokenizer(args.config, args.out, args.overrides)}")
     return 0
 

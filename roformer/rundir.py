@@ -153,15 +153,16 @@ def check_writable_file(path: str | Path, flag: str) -> None:
 
 
 def check_model_dir(path: str | Path, flag: str = "") -> None:
-    """A directory a command will write a model into (convert, average-checkpoints): not a file, in a writable
-    place, and not already holding a model, which writing would replace."""
+    """A directory a command will write a model or tokenizer into (convert, average-checkpoints, train-tokenizer):
+    not a file, in a writable place, and not already holding one, which writing would replace."""
     path = Path(path)
     where = f"{flag} {path}" if flag else str(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{where}: is a file, not a directory")
-    held = [name for name in ("config.json", "model.safetensors", "pytorch_model.bin") if (path / name).exists()]
+    saved = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json")
+    held = [name for name in saved if (path / name).exists()]
     if held:
-        raise UserError(f"{where}: already holds a model ({', '.join(held)}); choose a new directory")
+        raise UserError(f"{where}: already holds a model or tokenizer ({', '.join(held)}); choose a new directory")
     existing = path
     while not existing.exists():  # it will be created: the first existing ancestor must be writable
         existing = existing.parent

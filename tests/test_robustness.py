@@ -477,6 +477,19 @@ def test_evaluate_bleu_checks_output_places_before_decoding(bleu_files, tmp_path
     assert "is a file, not a directory" in one_error_line(capsys)
 
 
+def test_plot_places_are_checked_before_the_work(tmp_path, capsys):
+    """compare wrote `--out DIR` as DIR.png and said "plot: DIR"; a file in the path gave a traceback."""
+    (tmp_path / "a_file").write_text("x")
+    for argv in (["compare", "run"], ["extrapolate", "run"]):  # refused before the run is even read
+        assert main([*argv, "--out", str(tmp_path)]) == 2
+        assert one_error_line(capsys) == f"error: --out {tmp_path}: is a directory"
+        assert main([*argv, "--out", str(tmp_path / "a_file" / "plot.png")]) == 2
+        assert (
+            one_error_line(capsys)
+            == f"error: --out {tmp_path / 'a_file' / 'plot.png'}: {tmp_path / 'a_file'} is a file, not a directory"
+        )
+
+
 @pytest.mark.parametrize("flag", ["--out", "--json"])
 def test_evaluate_bleu_refuses_a_read_only_place_before_decoding(bleu_files, tmp_path, monkeypatch, capsys, flag):
     import roformer.bleu
@@ -496,7 +509,7 @@ def test_evaluate_bleu_refuses_a_read_only_place_before_decoding(bleu_files, tmp
     assert (read_only / "old.txt").read_text() == "kept"
 
 
-def test_convert_and_average_check_their_output_directory_first(tmp_path, monkeypatch, capsys):
+def test_model_and_tokenizer_writers_check_their_output_directory_first(tmp_path, monkeypatch, capsys):
     """A file there gave a traceback after the work; an existing model there was silently replaced."""
     from roformer import ModelConfig, RoFormerForMaskedLM
 
@@ -510,12 +523,17 @@ def test_convert_and_average_check_their_output_directory_first(tmp_path, monkey
     before = (tmp_path / "kept" / "model.safetensors").read_bytes()
     for out, expected in [
         (tmp_path / "a_file", "is a file, not a directory"),
-        (tmp_path / "kept", "already holds a model (config.json, model.safetensors); choose a new directory"),
+        (
+            tmp_path / "kept",
+            "already holds a model or tokenizer (config.json, model.safetensors); choose a new directory",
+        ),
         (read_only / "new", f"{read_only} is not writable"),
     ]:
         assert main(["convert", str(tmp_path / "model"), str(out)]) == 2
         assert one_error_line(capsys) == f"error: {out}: {expected}"
         assert main(["average-checkpoints", "RUN/checkpoints/step_1", "--out", str(out)]) == 2
+        assert one_error_line(capsys) == f"error: --out {out}: {expected}"
+        assert main(["train-tokenizer", "--config", str(RECIPE), "--out", str(out)]) == 2
         assert one_error_line(capsys) == f"error: --out {out}: {expected}"
     assert (tmp_path / "kept" / "model.safetensors").read_bytes() == before
     assert (tmp_path / "a_file").read_text() == "x"
