@@ -607,6 +607,27 @@ def test_negative_train_numbers_are_refused(tmp_path, capsys, override, expected
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "recipe, override, expected",
+    [
+        ("pretrain/tiny.yaml", "train.seed=-1", "train.seed must be at least 0, got -1"),
+        ("pretrain/tiny.yaml", "model.num_heads=0", "model.num_heads must be at least 1, got 0"),  # was 1 % 0
+        ("wmt14/multi30k_small.yaml", "data.max_len_b=-1", "data.max_len_a=1.2 and data.max_len_b=-1 must be"),
+        ("wmt14/multi30k_small.yaml", "data.length_penalty=nan", "data.length_penalty must be a finite number"),
+        ("wmt14/multi30k_small.yaml", "data.max_eval_samples=-1", "data.max_eval_samples must be at least 1"),
+        ("glue/tiny_rte.yaml", "data.max_eval_samples=-1", "data.max_eval_samples must be at least 1 (or null)"),
+        ("glue/tiny_rte.yaml", "data.max_train_samples=0", "data.max_train_samples must be at least 1 (or null)"),
+    ],
+)
+def test_recipe_numbers_used_late_are_refused_at_load(tmp_path, capsys, recipe, override, expected):
+    """Decoding settings are used after the training, and a negative sample count sliced off the last
+    examples: refused before anything runs."""
+    command = {"pretrain": "pretrain", "wmt14": "translate", "glue": "finetune"}[recipe.split("/")[0]]
+    assert main([command, "--config", str(ROOT / "configs" / recipe), override, f"output_dir={tmp_path}/run"]) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Fault injection: killed again and again, at random moments and inside saves
 # --------------------------------------------------------------------------------------------------
