@@ -224,9 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> its parser, for `roformer launch`
 
-    # only listed here: main() hands `launch` its words unparsed (they are accelerate's options, then a command)
-    sub.add_parser("launch", help="accelerate launch, after checking its config file and the command: see launch -h")
-
     for name, _, help_text in TRAINING:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", required=True, help="a YAML recipe from configs/")
@@ -312,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=train_tokenizer_command)
+
+    # only listed here: main() hands `launch` its words unparsed (they are accelerate's options, then a command)
+    sub.add_parser("launch", help="accelerate launch, after checking its config file and the command: see launch -h")
     return parser
 
 

@@ -123,7 +123,6 @@ def check_hardware(settings: dict, where: str, on_cpu: bool) -> None:
 def preflight(argv: list[str]) -> list[str]:
     """Every check, then the `accelerate launch` command line to run."""
     from accelerate.commands.config.config_args import default_config_file
-    from accelerate.utils import str_to_bool
 
     from roformer.cli import build_parser, check_numbers, load_training_config
 
@@ -132,7 +131,7 @@ def preflight(argv: list[str]) -> list[str]:
         value = getattr(args, name)
         if value is not None and value < least:
             raise UserError(f"roformer launch: --{name}={value}: must be at least {least}")
-    on_cpu = args.cpu or bool(str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")))
+    on_cpu = args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes", "y", "on", "t")
     # accelerate reads the given file, or else its default one (unless --cpu): the same here
     config_file, flag = args.config_file, "--config_file"
     if config_file is None and not args.cpu and os.path.isfile(default_config_file):
