@@ -752,6 +752,14 @@ def test_launches_the_trainer_cannot_serve_are_refused(monkeypatch):
         check_distribution(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"), tc)
 
 
+def test_runs_of_different_precision_in_one_process(tmp_path):
+    """accelerate keeps one precision per process: the second run raised a ValueError (a notebook, tests)."""
+    for name, precision in (("bf16", "bf16"), ("fp32", "no")):
+        train(tiny(tmp_path / name, f"train.mixed_precision={precision}", "train.max_steps=1", "data.max_documents=20"))
+        assert load_config(tmp_path / name / "config.yaml").train.mixed_precision == precision
+        assert (tmp_path / name / "final").is_dir()
+
+
 def test_a_stop_is_honoured_in_every_phase():
     """In the training loop the first SIGTERM/SIGINT asks for a checkpoint at the next step boundary (after an
     evaluation in progress); outside it (data loading, the final evaluation) and for a second signal, it stops
