@@ -164,14 +164,21 @@ def run(command: list[str]) -> int:
     """Run `command` in its own process group; forward stop signals to the whole group (accelerate's one-process
     launcher does not pass them on to its child); return its exit status once every process of it has ended."""
     _become_subreaper()
-    child = subprocess.Popen(command, start_new_session=True)
+    group, pending = [], []  # the child's process group once started; signals that came before
 
     def forward(signum, frame):
+        if not group:
+            pending.append(signum)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
+            for pgid in group:
+                os.killpg(pgid, signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # before the start, so that none is lost
         signal.signal(sig, forward)
+    child = subprocess.Popen(command, start_new_session=True)
+    group.append(child.pid)
+    for signum in pending:
+        forward(signum, None)
     status, orphans = child.wait(), []
     while True:  # the launched processes, if accelerate ended before them (a signal stops it at once)
         try:
