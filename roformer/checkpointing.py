@@ -151,6 +151,10 @@ class Checkpoints:
         if reason is not None:
             raise CheckpointError(f"{path}: {reason}")
         try:
+            # accelerate swallows an unreadable RNG state and goes on with fresh randomness (an inexact resume
+            # reported as exact): read every rank's first, on every rank, so that all of them fall back alike
+            for rng_file in sorted(path.glob("random_states_*.pkl")):
+                torch.load(rng_file, weights_only=False)
             self.accelerator.load_state(str(path))
         except Exception as err:  # a corrupted file: safetensors, torch.load and pickle raise many kinds
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

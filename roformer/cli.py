@@ -29,32 +29,48 @@ class _PositionSchemes:
         return name in list(self)
 
 
-def _training_command(task: str):
-    def run(args) -> int:
-        from roformer.config import load_config
-        from roformer.trainer import Interrupted, TrainingDiverged, train
+TRAINING = (
+    ("pretrain", "mlm", "masked-LM pretraining"),
+    ("finetune", "glue", "GLUE fine-tuning"),
+    ("translate", "translation", "translation training (WMT14 En-De, Multi30k)"),
+)
+TRAINING_TASKS = {name: task for name, task, _ in TRAINING}
 
-        cfg = load_config(args.config, args.overrides)
-        if cfg.task != task:
-            raise UserError(f"{args.config}: task={cfg.task!r}, but this command trains task={task!r}")
-        try:
-            results = train(cfg)
-        except TrainingDiverged as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except Interrupted as err:  # outside the training loop: nothing new to save
-            print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
-            return 130
-        if results.get("status") != "interrupted" and int(os.environ.get("RANK", "0")) == 0:  # once, not per process
-            print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
-        return 0
 
-    return run
+def load_training_config(args):
+    """The recipe of a training command with its overrides; a recipe for another task is refused."""
+    from roformer.config import load_config
+
+    cfg, task = load_config(args.config, args.overrides), TRAINING_TASKS[args.command]
+    if cfg.task != task:
+        raise UserError(f"{args.config}: task={cfg.task!r}, but this command trains task={task!r}")
+    return cfg
+
+
+def training_command(args) -> int:
+    """pretrain, finetune, translate: train the recipe."""
+    from roformer.trainer import Interrupted, TrainingDiverged, train
+
+    cfg = load_training_config(args)
+    try:
+        results = train(cfg)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:  # outside the training loop: nothing new to save
+        print(f"{err}; nothing saved since the last checkpoint", file=sys.stderr)
+        return 130
+    if results.get("status") != "interrupted" and int(os.environ.get("RANK", "0")) == 0:  # once, not per process
+        print(f"done: {cfg.output_dir}/final and {cfg.output_dir}/eval_results.json")
+    return 0
 
 
 def compare_command(args) -> int:
     from roformer.compare import compare_runs
+    from roformer.rundir import check_writable_file
 
+    if args.out:
+        check_writable_file(args.out, "--out")
     print(compare_runs(args.runs, args.out, args.at_steps))
     if args.out:
         print(f"plot: {args.out}")
@@ -65,10 +81,12 @@ def convert_command(args) -> int:
     """Ours -> transformers or transformers -> ours, decided by what the source directory holds."""
     from roformer.interop import from_transformers, to_transformers
     from roformer.modeling import MODEL_CLASSES, load_pretrained, read_model_meta
+    from roformer.rundir import check_model_dir
 
     src, dst = Path(args.source), Path(args.dest)
     if not (src / "config.json").is_file():
         raise UserError(f"{src}: no config.json here (expected a model directory)")
+    check_model_dir(dst)
     if read_model_meta(src).get("architecture") in MODEL_CLASSES:
         hf_model = to_transformers(load_pretrained(src))
         hf_model.save_pretrained(dst)
@@ -129,7 +147,9 @@ def evaluate_bleu_command(args) -> int:
 
 def average_checkpoints_command(args) -> int:
     from roformer.checkpointing import write_averaged_model
+    from roformer.rundir import check_model_dir
 
+    check_model_dir(args.out, "--out")
     out = write_averaged_model(args.checkpoints, args.out, args.like)
     print(f"wrote the mean weights of {len(args.checkpoints)} checkpoints to {out}")
     return 0
@@ -144,7 +164,10 @@ def demo_command(args) -> int:
 
 def extrapolate_command(args) -> int:
     from roformer.extrapolation import evaluate_lengths, format_rows, plot_rows
+    from roformer.rundir import check_writable_file
 
+    if args.out:  # before the evaluations
+        check_writable_file(args.out, "--out")
     rows = evaluate_lengths(args.runs, args.factors, args.scalings, args.max_tokens)
     print(format_rows(rows))
     if args.out:
@@ -154,7 +177,9 @@ def extrapolate_command(args) -> int:
 
 def train_tokenizer_command(args) -> int:
     from roformer.demo import train_shared_tokenizer
+    from roformer.rundir import check_model_dir
 
+    check_model_dir(args.out, "--out")  # not a file; a tokenizer that runs may share is never replaced
     print(f"wrote {train_shared_tokenizer(args.config, args.out, args.overrides)}")
     return 0
 
@@ -197,16 +222,13 @@ def glue_table_command(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="roformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser, for `roformer launch`
 
-    for name, task, help_text in (
-        ("pretrain", "mlm", "masked-LM pretraining"),
-        ("finetune", "glue", "GLUE fine-tuning"),
-        ("translate", "translation", "translation training (WMT14 En-De, Multi30k)"),
-    ):
+    for name, _, help_text in TRAINING:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", required=True, help="a YAML recipe from configs/")
         p.add_argument("overrides", nargs="*", help="dotted key=value pairs, e.g. model.position=sinusoidal")
-        p.set_defaults(func=_training_command(task))
+        p.set_defaults(func=training_command)
 
     p = sub.add_parser("glue-sweep", help="the paper's GLUE protocol: learning rates x seeds, then its Table 2")
     p.add_argument("--tasks", nargs="+", default=["mrpc", "sst2", "qnli", "stsb", "qqp", "mnli"])
@@ -287,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=train_tokenizer_command)
+
+    # only listed here: main() hands `launch` its words unparsed (they are accelerate's options, then a command)
+    sub.add_parser("launch", help="accelerate launch, after checking its config file and the command: see launch -h")
     return parser
 
 
@@ -310,6 +335,15 @@ def check_numbers(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from roformer.launch import main as launch
+
+        try:
+            return launch(argv[1:])
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         check_numbers(args)

@@ -8,6 +8,7 @@ message names the key, where it came from (the file or the command line) and wha
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class ModelConfig:
         scheme = scheme_class(self.position)
         if self.scale_embeddings is None:
             self.scale_embeddings = scheme.scales_embeddings
+        if self.num_heads < 1:  # before the modulo below
+            raise ConfigError(f"model.num_heads must be at least 1, got {self.num_heads}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} must be a multiple of model.num_heads={self.num_heads}"
@@ -202,6 +205,9 @@ class GLUEDataConfig:
     def __post_init__(self):
         if self.max_seq_length < 8:
             raise ConfigError(f"data.max_seq_length must be at least 8, got {self.max_seq_length}")
+        for name in ("max_train_samples", "max_eval_samples"):  # a negative N would slice off the last examples
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
 
 
 @dataclass
@@ -292,11 +298,20 @@ class TranslationDataConfig:
                      "tokenizer_sample_mb"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("num_proc", "max_train_samples"):
+        for name in ("num_proc", "max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be at least 1 (or null), got {getattr(self, name)}")
         if self.max_length_ratio < 1.0:
             raise ConfigError(f"data.max_length_ratio must be at least 1, got {self.max_length_ratio}")
+        # the decoding settings are used only at evaluation, after the training: checked now, by their keys
+        if not (math.isfinite(self.max_len_a) and self.max_len_a >= 0) or self.max_len_b < 0:
+            raise ConfigError(
+                f"data.max_len_a={self.max_len_a} and data.max_len_b={self.max_len_b} must be numbers at least 0"
+            )
+        if self.max_len_a == 0 and self.max_len_b == 0:
+            raise ConfigError("data.max_len_a=0 and data.max_len_b=0 allow no token at all; give a positive max_len_b")
+        if not math.isfinite(self.length_penalty):
+            raise ConfigError(f"data.length_penalty must be a finite number, got {self.length_penalty}")
 
 
 @dataclass
@@ -373,7 +388,7 @@ class TrainConfig:
             raise ConfigError(f"train.average_checkpoints={self.average_checkpoints} needs train.keep_last >= it")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
-        for name in ("warmup_steps", "num_workers", "average_checkpoints", "max_grad_norm", "weight_decay"):
+        for name in ("seed", "warmup_steps", "num_workers", "average_checkpoints", "max_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be at least 0, got {getattr(self, name)}")
         if self.max_eval_batches is not None and self.max_eval_batches < 1:
@@ -572,6 +587,17 @@ def _check_lengths_fit(cfg: RunConfig, origin: str) -> None:
             raise ConfigError(
                 f"{origin}: data.{name}={length} is longer than model.position={cfg.model.position!r} allows "
                 f"(model.max_position_embeddings={rows}); use at most {rows} or a scheme without a table"
+            )
+    data = cfg.data
+    if hasattr(data, "max_len_b"):  # translation: the decoder's table must also hold the longest translation
+        # evaluation cuts sources to max_source_length (EOS included); BOS + that many tokens are decoded
+        longest = int(data.max_len_a * (data.max_source_length - 1) + data.max_len_b)
+        if longest + 1 > rows:
+            raise ConfigError(
+                f"{origin}: data.max_len_a={data.max_len_a} and data.max_len_b={data.max_len_b} allow translations "
+                f"of {longest} tokens (sources of data.max_source_length={data.max_source_length}), but "
+                f"model.position={cfg.model.position!r} has {rows} positions (at most {rows - 1} tokens after BOS); "
+                "lower them or use a scheme without a table"
             )
 
 

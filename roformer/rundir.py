@@ -150,3 +150,23 @@ def check_writable_file(path: str | Path, flag: str) -> None:
     target = path if path.exists() else parent
     if not os.access(target, os.W_OK):
         raise UserError(f"{flag} {path}: {target} is not writable")
+
+
+def check_model_dir(path: str | Path, flag: str = "") -> None:
+    """A directory a command will write a model or tokenizer into (convert, average-checkpoints, train-tokenizer):
+    not a file, in a writable place, and not already holding one, which writing would replace."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{where}: is a file, not a directory")
+    saved = ("config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json")
+    held = [name for name in saved if (path / name).exists()]
+    if held:
+        raise UserError(f"{where}: already holds a model or tokenizer ({', '.join(held)}); choose a new directory")
+    existing = path
+    while not existing.exists():  # it will be created: the first existing ancestor must be writable
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{where}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: {existing} is not writable")

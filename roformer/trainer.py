@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -184,6 +185,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 products (outside autocast) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         our_deepspeed_settings(self.tc)
+        # One process may train several runs (demo, a notebook): accelerate fixes the precision of its process-wide
+        # state at the first run and raised a ValueError at a run with another; each run's own settings win.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(  # accumulation is ours: a step's micro-batches are weighted by their terms
             # The other ranks wait at a barrier while the main process prepares a raw corpus on first use: hours
             # for a 20 GB corpus, far beyond the default 30-minute collective timeout.

@@ -17,7 +17,8 @@ command must exit with status 2 and print exactly that.
 Each file runs in its own sandbox laid out like a fresh clone (configs/ and scripts/ of this checkout,
 ../shared/data beside it, no runs/), so commands see what a newcomer's would. Commands run in this process
 through `roformer.cli.main`, which is what the `roformer` command, `python scripts/X.py` and `accelerate launch
-scripts/X.py` all call.
+scripts/X.py` all call (`roformer launch` runs `roformer.cli` under accelerate: here its config file is loaded and
+the command runs in process).
 """
 
 import glob
@@ -142,6 +143,13 @@ def commands(body: str, variables: dict[str, str], cwd: Path):
 
 
 def to_argv(words: list[str], text: str) -> list[str]:
+    if words[:2] == ["roformer", "launch"]:  # the launcher's own options, its config file checked
+        from roformer.launch import check_config_file, split_argv
+
+        _, options, command, rest = split_argv(words[2:])
+        if options.config_file:
+            check_config_file(options.config_file)
+        return [command, *rest]
     if words[0] == "roformer":
         return words[1:]
     if words[0] == "accelerate" and words[1:2] == ["launch"]:

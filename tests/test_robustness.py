@@ -96,6 +96,38 @@ def launch_two(script: Path, args: list[str], port: int, timeout: int = 300) -> 
 
 
 # --------------------------------------------------------------------------------------------------
+# Harmful case 1: a GLUE run trained from scratch could not be resumed (tests/test_glue.py has the run itself);
+# a rerun of glue-sweep resumes its interrupted runs the same way
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (DATA / "glue").is_dir(), reason="../shared/data/glue is not here")
+def test_a_rerun_glue_sweep_resumes_its_interrupted_run_from_scratch(tmp_path):
+    from roformer.glue_sweep import sweep
+
+    overrides = [
+        "init_from=null",  # from scratch: the tokenizer is trained on the task (500 words, not BERT's 30,522)
+        f"data.data_dir={DATA / 'glue'}",
+        "data.tokenizer_vocab_size=500",
+        "data.max_train_samples=64",
+        "data.max_seq_length=64",
+        *[f"model.{key}" for key in ("hidden_size=32", "num_layers=1", "num_heads=2", "intermediate_size=64")],
+        "model.max_position_embeddings=64",
+        *["train.num_epochs=null", "train.max_steps=4", "train.per_device_batch_size=8", "train.eval_every=1000"],
+        *["train.save_every=1000", "train.mixed_precision=no", "train.log_with=none"],
+    ]
+    args = (["wnli"], [3e-5], [7], tmp_path, ROOT / "configs" / "glue", overrides)
+    run = tmp_path / "wnli" / "lr3e-05_seed7"
+    with pytest.MonkeyPatch.context() as patch:  # stopped after step 2, as SIGTERM would stop it
+        patch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.step == 2)
+        sweep(*args)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_2"]
+    assert not (run / "eval_results.json").exists()
+    assert sweep(*args)["wnli"].best()[0] == 3e-5  # the same command again: resumed and finished
+    assert json.loads((run / "eval_results.json").read_text())["step"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
 # Harmful case 2: an epoch without a batch spun forever and ignored SIGTERM
 # --------------------------------------------------------------------------------------------------
 
@@ -278,6 +310,40 @@ def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def deny_writes(monkeypatch, *places: Path) -> None:
+    """`places` read-only as os.access sees them: root may write anywhere, so chmod cannot make the test."""
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        if mode & os.W_OK and Path(path).resolve() in {p.resolve() for p in places}:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def test_a_read_only_output_dir_is_one_line(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    deny_writes(monkeypatch, run_dir)
+    assert pretrain(run_dir, "train.max_steps=2") == 2
+    assert one_error_line(capsys) == f"error: output_dir={run_dir}: not writable"
+    assert list(run_dir.iterdir()) == []  # not even a lock file
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path, monkeypatch, capsys):
+    run_dir, real_mkdir = tmp_path / "read_only" / "run", Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # a read-only parent, as a non-root user meets it
+        if self == run_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert pretrain(run_dir, "train.max_steps=2") == 2
+    assert one_error_line(capsys) == f"error: output_dir={run_dir}: cannot be created (Permission denied)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Harmful case 5: a resume continues the same run
 # --------------------------------------------------------------------------------------------------
@@ -332,9 +398,10 @@ def _scramble(path: Path) -> None:
         lambda step: _truncate(step / "model.safetensors"),
         lambda step: _truncate(step / "optimizer.bin"),
         lambda step: _scramble(step / "model.safetensors"),
+        lambda step: _scramble(step / "random_states_0.pkl"),  # accelerate ignored it: a silently inexact resume
         lambda step: (step / "trainer_state.json").write_text(""),
     ],
-    ids=["truncated-weights", "truncated-optimizer", "corrupted-weights", "empty-trainer-state"],
+    ids=["truncated-weights", "truncated-optimizer", "corrupted-weights", "corrupted-rng", "empty-trainer-state"],
 )
 def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(stopped_run, tmp_path, capsys, damage):
     run_dir = copy_run(stopped_run, tmp_path / "run")
@@ -410,6 +477,68 @@ def test_evaluate_bleu_checks_output_places_before_decoding(bleu_files, tmp_path
     assert "is a file, not a directory" in one_error_line(capsys)
 
 
+def test_plot_places_are_checked_before_the_work(tmp_path, capsys):
+    """compare wrote `--out DIR` as DIR.png and said "plot: DIR"; a file in the path gave a traceback."""
+    (tmp_path / "a_file").write_text("x")
+    for argv in (["compare", "run"], ["extrapolate", "run"]):  # refused before the run is even read
+        assert main([*argv, "--out", str(tmp_path)]) == 2
+        assert one_error_line(capsys) == f"error: --out {tmp_path}: is a directory"
+        assert main([*argv, "--out", str(tmp_path / "a_file" / "plot.png")]) == 2
+        assert (
+            one_error_line(capsys)
+            == f"error: --out {tmp_path / 'a_file' / 'plot.png'}: {tmp_path / 'a_file'} is a file, not a directory"
+        )
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_evaluate_bleu_refuses_a_read_only_place_before_decoding(bleu_files, tmp_path, monkeypatch, capsys, flag):
+    import roformer.bleu
+
+    def decode(*args, **kwargs):
+        raise AssertionError("decoding started before the output place was checked")
+
+    monkeypatch.setattr(roformer.bleu, "evaluate_bleu", decode)
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    (read_only / "old.txt").write_text("kept")
+    deny_writes(monkeypatch, read_only, read_only / "old.txt")
+    for path in (read_only / "new.txt", read_only / "old.txt", read_only / "sub" / "new.txt"):
+        assert main(["evaluate-bleu", *bleu_files, "--device", "cpu", flag, str(path)]) == 2
+        target = path if path.exists() else read_only
+        assert one_error_line(capsys) == f"error: {flag} {path}: {target} is not writable"
+    assert (read_only / "old.txt").read_text() == "kept"
+
+
+def test_model_and_tokenizer_writers_check_their_output_directory_first(tmp_path, monkeypatch, capsys):
+    """A file there gave a traceback after the work; an existing model there was silently replaced."""
+    from roformer import ModelConfig, RoFormerForMaskedLM
+
+    config = ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    RoFormerForMaskedLM(config).save_pretrained(tmp_path / "model")
+    RoFormerForMaskedLM(config).save_pretrained(tmp_path / "kept")
+    (tmp_path / "a_file").write_text("x")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    deny_writes(monkeypatch, read_only)
+    before = (tmp_path / "kept" / "model.safetensors").read_bytes()
+    for out, expected in [
+        (tmp_path / "a_file", "is a file, not a directory"),
+        (
+            tmp_path / "kept",
+            "already holds a model or tokenizer (config.json, model.safetensors); choose a new directory",
+        ),
+        (read_only / "new", f"{read_only} is not writable"),
+    ]:
+        assert main(["convert", str(tmp_path / "model"), str(out)]) == 2
+        assert one_error_line(capsys) == f"error: {out}: {expected}"
+        assert main(["average-checkpoints", "RUN/checkpoints/step_1", "--out", str(out)]) == 2
+        assert one_error_line(capsys) == f"error: --out {out}: {expected}"
+        assert main(["train-tokenizer", "--config", str(RECIPE), "--out", str(out)]) == 2
+        assert one_error_line(capsys) == f"error: --out {out}: {expected}"
+    assert (tmp_path / "kept" / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_evaluate_bleu_refuses_a_max_len_beyond_a_learned_table(tmp_path, capsys):
     from roformer import ModelConfig, RoFormerForSeq2SeqLM
     from roformer.tasks.translation import train_joint_bpe
@@ -430,6 +559,20 @@ def test_evaluate_bleu_refuses_a_max_len_beyond_a_learned_table(tmp_path, capsys
     assert main([*argv, "--max_len_b", "10"]) == 0
 
 
+def test_training_refuses_a_decoding_length_beyond_a_learned_table(tmp_path, capsys):
+    """Evaluation during training decoded past the table after all the training, blaming the input."""
+    recipe = ROOT / "configs" / "wmt14" / "multi30k_small.yaml"
+    argv = ["translate", "--config", str(recipe), "model.position=learned", "model.max_position_embeddings=40"]
+    argv += ["data.max_source_length=40", "data.max_target_length=40", f"output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    assert (
+        "data.max_len_a=1.2 and data.max_len_b=10 allow translations of 56 tokens (sources of "
+        "data.max_source_length=40), but model.position='learned' has 40 positions (at most 39 tokens after BOS)"
+    ) in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    load_config(recipe, [*argv[3:5], "data.max_source_length=20", "data.max_target_length=20"])  # 33 fit in 40
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
@@ -437,6 +580,12 @@ def test_evaluate_bleu_refuses_a_max_len_beyond_a_learned_table(tmp_path, capsys
         (["extrapolate", "run", "--max_tokens", "-1"], "--max_tokens=-1: must be at least 1"),
         (["glue-sweep", "--learning_rates", "0"], "--learning_rates=0.0: must be positive"),
         (["compare", "run", "--at-steps", "-1"], "--at-steps=-1: must be at least 0"),
+        (["glue-sweep", "--seeds", "-1"], "--seeds=-1: must be at least 0"),
+        (["demo", "--seeds", "1", "-2"], "--seeds=-2: must be at least 0"),
+        (
+            ["prepare", "--config", str(RECIPE), "--out", "unused", "--num_proc", "0"],
+            "--num_proc=0: must be at least 1",
+        ),
     ],
 )
 def test_numeric_arguments_of_other_commands(capsys, argv, expected):
@@ -454,6 +603,27 @@ def test_numeric_arguments_of_other_commands(capsys, argv, expected):
 )
 def test_negative_train_numbers_are_refused(tmp_path, capsys, override, expected):
     assert pretrain(tmp_path / "run", override) == 2
+    assert expected in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, override, expected",
+    [
+        ("pretrain/tiny.yaml", "train.seed=-1", "train.seed must be at least 0, got -1"),
+        ("pretrain/tiny.yaml", "model.num_heads=0", "model.num_heads must be at least 1, got 0"),  # was 1 % 0
+        ("wmt14/multi30k_small.yaml", "data.max_len_b=-1", "data.max_len_a=1.2 and data.max_len_b=-1 must be"),
+        ("wmt14/multi30k_small.yaml", "data.length_penalty=nan", "data.length_penalty must be a finite number"),
+        ("wmt14/multi30k_small.yaml", "data.max_eval_samples=-1", "data.max_eval_samples must be at least 1"),
+        ("glue/tiny_rte.yaml", "data.max_eval_samples=-1", "data.max_eval_samples must be at least 1 (or null)"),
+        ("glue/tiny_rte.yaml", "data.max_train_samples=0", "data.max_train_samples must be at least 1 (or null)"),
+    ],
+)
+def test_recipe_numbers_used_late_are_refused_at_load(tmp_path, capsys, recipe, override, expected):
+    """Decoding settings are used after the training, and a negative sample count sliced off the last
+    examples: refused before anything runs."""
+    command = {"pretrain": "pretrain", "wmt14": "translate", "glue": "finetune"}[recipe.split("/")[0]]
+    assert main([command, "--config", str(ROOT / "configs" / recipe), override, f"output_dir={tmp_path}/run"]) == 2
     assert expected in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
@@ -580,6 +750,14 @@ def test_launches_the_trainer_cannot_serve_are_refused(monkeypatch):
         check_distribution(SimpleNamespace(distributed_type="DistributedType.FSDP"), tc)
     with pytest.raises(UserError, match="train.average_checkpoints=2 cannot read DeepSpeed"):
         check_distribution(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"), tc)
+
+
+def test_runs_of_different_precision_in_one_process(tmp_path):
+    """accelerate keeps one precision per process: the second run raised a ValueError (a notebook, tests)."""
+    for name, precision in (("bf16", "bf16"), ("fp32", "no")):
+        train(tiny(tmp_path / name, f"train.mixed_precision={precision}", "train.max_steps=1", "data.max_documents=20"))
+        assert load_config(tmp_path / name / "config.yaml").train.mixed_precision == precision
+        assert (tmp_path / name / "final").is_dir()
 
 
 def test_a_stop_is_honoured_in_every_phase():
