@@ -134,7 +134,9 @@ def plot_rows(rows: list[dict], out: str | Path) -> Path:
             label = run if scaling == "none" else f"{run} + {scaling}"
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     ax.set(xscale="log", xlabel="evaluation length (tokens)", ylabel="MLM loss", title="Length extrapolation")
-    ax.set_xticks(sorted({r["length"] for r in rows}), [str(n) for n in sorted({r["length"] for r in rows})])
+    lengths = sorted({r["length"] for r in rows})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xticks([], minor=True)  # the log axis's own minor labels (6x10^1, 2x10^2...) crowd the lengths
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save_figure(fig, out)
