@@ -85,20 +85,34 @@ def plot_runs(runs: list[dict], out: str | Path, keys=("train/loss", "eval/loss"
     import matplotlib.pyplot as plt
 
     present = [k for k in keys if any(series(run["rows"], k)[0] for run in runs)]
-    fig, axes = plt.subplots(2, len(present), figsize=(6 * len(present), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(present), figsize=(6 * len(present) + 2.5, 8), squeeze=False)
+    styles = _line_styles(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for col, key in enumerate(present):
-        for run in runs:
+        for run, style in zip(runs, styles, strict=True):
             label = f"{run['name']} ({scheme_label(run['config'])})"
             steps, values = series(run["rows"], key)
-            axes[0][col].plot(steps, values, label=label)
-            tokens = _tokens_at(run["rows"], steps)
-            axes[1][col].plot(tokens, values, label=label)
+            axes[0][col].plot(steps, values, label=label, **style)
+            axes[1][col].plot(_tokens_at(run["rows"], steps), values, label=label, **style)
         axes[0][col].set(title=key, xlabel="step", ylabel=key)
         axes[1][col].set(title=f"{key} vs tokens", xlabel="training tokens", ylabel=key)
         for ax in (axes[0][col], axes[1][col]):
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+    # one legend beside the panels: inside them it hides the curves once there are a dozen runs
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     return save_figure(fig, out)
+
+
+def _line_styles(runs: list[dict], colors: list[str]) -> list[dict]:
+    """One colour per position scheme, one dash pattern per run of it (its seeds): schemes compare at a glance."""
+    dashes = ["-", "--", ":", "-."]
+    schemes = list(dict.fromkeys(scheme_label(run["config"]) for run in runs))
+    seen: dict[str, int] = {}
+    styles = []
+    for run in runs:
+        scheme = scheme_label(run["config"])
+        nth = seen[scheme] = seen.get(scheme, -1) + 1
+        styles.append({"color": colors[schemes.index(scheme) % len(colors)], "linestyle": dashes[nth % len(dashes)]})
+    return styles
 
 
 def save_figure(fig, out: str | Path) -> Path:
@@ -108,7 +122,7 @@ def save_figure(fig, out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # a legend placed beside the panels stays in the picture
     plt.close(fig)
     return out
 
