@@ -137,9 +137,14 @@ def measure(
 
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bf16")
 
+    if model_name in OURS:  # what our trainer gives it for packed blocks: no mask, the loader's masked-token bound
+        inputs = dict(input_ids=input_ids, labels=labels, masked_width=int(masked.sum(1).max()))
+    else:  # transformers' models as a user calls them (BERT's sdpa drops an all-ones mask itself)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
     def step() -> float:
         with autocast:
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -338,41 +338,56 @@ class RoFormerForMaskedLM(PreTrainedModel):
         if cfg.tie_word_embeddings:
             self.head.decoder.weight = self.roformer.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs) -> ModelOutput:
+    def forward(
+        self, input_ids, attention_mask=None, token_type_ids=None, labels=None, masked_width=None, **kwargs
+    ) -> ModelOutput:
         """Without labels: logits (B, T, V). With labels (-100 = not masked): the loss, and logits (N, V) at
         the N masked positions only: the same loss as from full logits at a fraction of the work (the vocabulary
-        projection and, with softmax attention, the last layer run for the masked positions only)."""
+        projection and, with softmax attention, the last layer run for the masked positions only).
+
+        `masked_width`, a bound known on the host on any row's masked positions (the data loader's), is the
+        training path: the step then reads nothing back from the device (no host sync, no graph break under
+        torch.compile) and returns the loss alone."""
         if labels is None:
             out = self.roformer(input_ids, attention_mask, token_type_ids, **kwargs)
             out.logits = self.head(out.last_hidden_state)
             return out
-        masked = labels != -100
         every_position_wanted = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-        if self.config.attention == "softmax" and not every_position_wanted:
-            hidden = self._hidden_at(masked, input_ids, attention_mask, token_type_ids, kwargs.get("position_ids"))
-            out = ModelOutput(last_hidden_state=hidden)  # (N, H)
-        else:
+        if self.config.attention != "softmax" or every_position_wanted:
             out = self.roformer(input_ids, attention_mask, token_type_ids, **kwargs)
-            hidden = out.last_hidden_state[masked]
-        out.logits = self.head(hidden)  # (N, V)
-        out.loss = F.cross_entropy(out.logits.float(), labels[masked])
-        return out
+            masked = labels != -100
+            out.logits = self.head(out.last_hidden_state[masked])  # (N, V)
+            out.loss = F.cross_entropy(out.logits.float(), labels[masked])
+            return out
+        hidden, target = self._masked_rows(
+            labels, input_ids, attention_mask, token_type_ids, kwargs.get("position_ids"), masked_width
+        )
+        logits = self.head(hidden)  # (B, W, V): each row's masked positions, then padding (target -100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+        if masked_width is not None:
+            return ModelOutput(loss=loss)
+        kept = target != -100
+        return ModelOutput(loss=loss, logits=logits[kept], last_hidden_state=hidden[kept])
 
-    def _hidden_at(self, selected, input_ids, attention_mask, token_type_ids, position_ids=None) -> torch.Tensor:
-        """The encoder's output at the `selected` (B, T) positions, (N, H) in row-major order. The last layer runs
-        for those rows only (its keys and values still see every token): with ~15% of the tokens masked it skips
-        most of that layer's queries, feed-forward and norms."""
+    def _masked_rows(self, labels, input_ids, attention_mask, token_type_ids, position_ids, width=None):
+        """The encoder's output at each row's masked positions, in order and padded to `width` (B, W, H), and
+        their labels (B, W), -100 at the padding. The last layer runs for those rows only (its keys and values
+        still see every token): with ~15% of the tokens masked it skips most of that layer's queries,
+        feed-forward and norms."""
         x, positions = self.roformer.embed(input_ids, token_type_ids, position_ids)
         mask = padding_mask(attention_mask)
         *layers, last = self.roformer.encoder.layers
         for layer in layers:
             x, _ = layer(x, mask, positions)
-        # each row's selected positions in order, then padding up to the longest count (dropped at the end)
+        selected = labels != -100
         counts = selected.sum(dim=1)
-        width = int(counts.max()) if selected.numel() else 0
+        if width is None:  # the longest row's count, read from the device
+            width = int(counts.max()) if selected.numel() else 0
+        width = min(width, selected.shape[1])
         index = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-        valid = torch.arange(width, device=selected.device) < counts.unsqueeze(1)
-        return last.forward_rows(x, index, mask, positions)[valid]
+        padding = torch.arange(width, device=selected.device) >= counts.unsqueeze(1)
+        target = labels.gather(1, index).masked_fill(padding, -100)
+        return last.forward_rows(x, index, mask, positions), target
 
 
 class ClassificationHead(nn.Module):

@@ -403,14 +403,17 @@ def test_the_cpu_only_kernels_stand_aside_while_torch_compile_traces(monkeypatch
 @pytest.mark.parametrize("position", ["rotary", "alibi"])
 def test_compiled_forwards_trace_as_one_graph(tiny_config, position):
     """torch.compile sees each model's training and evaluation forward whole: no CPU-only kernel, no complex-number
-    RoPE view, no read of the mask on the host breaks its graph (the RoPE view did, once per layer). The masked-row
-    MLM head is left out: its row count comes from the labels (a read-back, and a graph break)."""
+    RoPE view, no read of the mask on the host breaks its graph (the RoPE view did, once per layer); nor does the
+    masked-row MLM head given the loader's host bound on masked tokens (without it, its width is read back)."""
     import torch._dynamo
 
     small = dict(position=position, attention_dropout=0.1, hidden_dropout=0.1)
     ids, labels = torch.randint(5, 97, (B, T)), torch.randint(0, 2, (B,))
+    mlm_labels = torch.where(torch.rand(B, T) < 0.3, ids, -100)
+    width = int((mlm_labels != -100).sum(1).max())
     cases = [
         (roformer.RoFormerForMaskedLM(tiny_config(**small)), (ids,)),
+        (roformer.RoFormerForMaskedLM(tiny_config(**small)), (ids, None, None, mlm_labels, width)),
         (roformer.RoFormerForSequenceClassification(tiny_config(**small)), (ids, torch.ones_like(ids), None, labels)),
         (roformer.RoFormerForSeq2SeqLM(tiny_config(num_decoder_layers=2, type_vocab_size=0, **small)),
          (ids, torch.ones_like(ids), ids[:, :5], ids[:, :5])),

@@ -124,6 +124,7 @@ def test_masking_rate_80_10_10_and_seeds_by_position_in_the_data(prepared):
     assert chosen[~special].float().mean().item() == pytest.approx(0.15, abs=0.02)
     assert ((out["input_ids"] == tok.mask_token_id) & chosen).sum() / chosen.sum() == pytest.approx(0.8, abs=0.05)
     assert "attention_mask" not in out  # full blocks: nothing to mask out
+    assert out["masked_width"] == int(chosen.sum(1).max())  # a plain int: the model's bound, known on the host
     # the same block at the same position masks the same in any batch; a later epoch (key + len) masks anew
     assert torch.equal(collate(items[32:])["labels"], out["labels"][32:])
     later = collate([blocks[k + len(blocks)] for k in range(64)])

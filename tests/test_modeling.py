@@ -96,6 +96,40 @@ def test_mlm_loss_on_masked_positions_equals_full_cross_entropy(tiny_config, var
     assert_float32_close(labelled.logits, full[labels != -100], terms)
 
 
+class NoReadBack(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every op that reads a tensor's values back to the host (a GPU sync): `.item()` / `int()` of a
+    tensor, and `nonzero` (boolean-mask indexing)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+            raise AssertionError(f"{func} reads values back from the device")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["rotary", "alibi", "t5_relative"])
+def test_mlm_training_path_reads_nothing_back_and_equals_the_reference(tiny_config, variant):
+    """With `masked_width` (the loader's host-known bound) the step does no read-back and gives the loss and
+    gradients of the plain path; a bound above the longest row's count only adds padding rows."""
+    model = roformer.RoFormerForMaskedLM(tiny_config(position=variant)).eval()
+    input_ids = torch.randint(1, V, (B, T))
+    labels = _mlm_labels(input_ids)
+    reference = model(input_ids, labels=labels).loss
+    reference_grads = torch.autograd.grad(reference, list(model.parameters()), allow_unused=True)
+    width = int((labels != -100).sum(1).max())
+    for bound in (width, width + 3):
+        with NoReadBack():
+            out = model(input_ids, labels=labels, masked_width=bound)
+            grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+        assert out.logits is None
+        assert_close(out.loss, reference)
+        for got, want in zip(grads, reference_grads, strict=True):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert_close(got, want)
+    with pytest.raises(AssertionError, match="reads values back"), NoReadBack():
+        model(input_ids, labels=labels)  # the check can fail: without the bound the width is read back
+
+
 @pytest.mark.parametrize("variant", ["rotary", "half", "sinusoidal", "alibi", "t5_relative"])
 def test_mlm_last_layer_at_masked_positions_only_keeps_the_gradients(tiny_config, variant):
     """With labels the last layer runs for the masked positions only: the same loss and gradients as the full

@@ -296,7 +296,8 @@ class PackedBlocks(torch.utils.data.Dataset):
 class MaskingCollator:
     """Stacks blocks and masks them 80/10/10 (`DataCollatorForLanguageModeling`), each row with a generator
     seeded by (seed, salt, key): the same block at the same position in the data gets the same mask, in any
-    process and after any resume. Blocks are never padded, so no attention mask is passed (SDPA's fast path)."""
+    process and after any resume. Blocks are never padded, so no attention mask is passed (SDPA's fast path).
+    `masked_width` (an int) bounds every row's masked tokens, so the model's step reads nothing from the device."""
 
     def __init__(self, tokenizer, mlm_probability: float, seed: int, salt: int = 0):
         self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
@@ -306,7 +307,7 @@ class MaskingCollator:
     def row_seed(self, key: int) -> int:
         return (self.seed * 0x9E3779B1 + self.salt * 0x85EBCA77 + key) % 2**63
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor | int]:
         ids = torch.from_numpy(np.stack([item["input_ids"] for item in items]))
         special = torch.isin(ids, self.special_ids)
         inputs, labels = ids.clone(), torch.empty_like(ids)
@@ -315,7 +316,9 @@ class MaskingCollator:
             inputs[row], labels[row] = self.collator.torch_mask_tokens(
                 ids[row : row + 1].clone(), special[row : row + 1]
             )
-        return {"input_ids": inputs, "labels": labels}
+        # the longest row's masked count, known here on the host: the model's training step needs no read-back
+        masked_width = int(labels.ne(-100).sum(dim=1).max()) if labels.numel() else 0
+        return {"input_ids": inputs, "labels": labels, "masked_width": masked_width}
 
 
 # --------------------------------------------------------------------------------------------------
