@@ -195,13 +195,15 @@ class Rope:
     def select(self, index: torch.Tensor | range) -> Rope:
         """The angles of the positions in `index`: (B, M) for each sequence, giving (B, M, d) cos and sin; or (T,)
         (or a range) of a table of positions, giving (T, d)."""
+        # a compiled graph rotates by the real form: no complex tensor in it (inductor cannot generate code for one)
+        carry_rotation = self.rotation is not None and not torch.compiler.is_compiling()
         if isinstance(index, range):  # consecutive rows of the table: views, no gather
             rows = slice(index.start, index.stop)
-            rotation = None if self.rotation is None else self.rotation[rows]
+            rotation = self.rotation[rows] if carry_rotation else None
             return Rope(self.cos[rows], self.sin[rows], self.pairing, rotation)
         if self.cos.dim() == 2:
             rotation = None
-            if self.rotation is not None:  # built already: index it instead of building it again
+            if carry_rotation:  # built already: index it instead of building it again
                 rotation = self.rotation[index].unsqueeze(1) if index.dim() == 2 else self.rotation[index]
             return Rope(self.cos[index], self.sin[index], self.pairing, rotation)
         rows = index.unsqueeze(-1).expand(-1, -1, self.cos.shape[-1])
@@ -415,7 +417,7 @@ class RotaryPositions(PositionScheme):
 
     def _angle_table(self, rows: int, device: torch.device) -> Rope:
         table = self._angles(torch.arange(rows, device=device), rows)
-        if self.pairing == "interleaved":
+        if self.pairing == "interleaved" and not torch.compiler.is_compiling():
             table.rotation = complex_rotation(table.cos, table.sin)  # built once, then indexed by every select
         return table
 
