@@ -3,32 +3,16 @@ positions. The kernels themselves, one by one against the eager reference: tests
 
 import pytest
 import torch
+from attention_masks import MASKS, B, T, padding
 from floats import assert_float32_close, model_terms
 from torch.testing import assert_close
 
 import roformer
 from roformer.attention import MultiHeadAttention, eager_attention
-from roformer.modeling import causal_mask, combine_masks, padding_mask
+from roformer.modeling import causal_mask, padding_mask
 from roformer.positions import NO_POSITIONS, PositionContext, Rope, rope_cos_sin, rope_inv_freq
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-B, T = 3, 9
-
-
-def _padding() -> torch.Tensor:
-    attention_mask = torch.ones(B, T, dtype=torch.long)
-    attention_mask[1, 6:] = 0
-    attention_mask[2, 2:] = 0
-    return attention_mask
-
-
-MASKS = {
-    "none": lambda: None,
-    "padding": lambda: padding_mask(_padding()),
-    "causal": lambda: causal_mask(T, T, torch.device("cpu")),
-    "padding+causal": lambda: combine_masks(padding_mask(_padding()), causal_mask(T, T, torch.device("cpu"))),
-}
 
 
 def assert_same_values_and_grads(actual, expected, inputs):
@@ -57,10 +41,10 @@ def test_causal_mask_layout():
     assert causal_mask(2, 5, torch.device("cpu"))[0, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
-def test_padding_mask_is_none_without_padding():
+def test_padding_mask_is_none_withoutpadding():
     assert padding_mask(None) is None
     assert padding_mask(torch.ones(2, 4, dtype=torch.long)) is None
-    assert padding_mask(_padding()).shape == (B, 1, 1, T)
+    assert padding_mask(padding()).shape == (B, 1, 1, T)
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
@@ -84,14 +68,14 @@ def test_sdpa_and_eager_models_agree_on_padded_batches(tiny_config, position):
     eager.load_state_dict(sdpa.state_dict())
     ids = torch.randint(1, 97, (B, T))
     with torch.no_grad():
-        expected = eager(ids, _padding()).logits
-        assert_float32_close(sdpa(ids, _padding()).logits, expected, model_terms(sdpa.config, T) + 32)
+        expected = eager(ids, padding()).logits
+        assert_float32_close(sdpa(ids, padding()).logits, expected, model_terms(sdpa.config, T) + 32)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_attention_weights_sum_to_one_over_unmasked_keys(tiny_config, impl):
     model = roformer.RoFormerModel(tiny_config(attention_impl=impl)).eval()
-    attention_mask = _padding()
+    attention_mask = padding()
     ids = torch.randint(1, 97, (B, T))
     with torch.no_grad():
         out = model(ids, attention_mask, output_attentions=True)

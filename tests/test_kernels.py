@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from attention_masks import MASKS, B, T, padding
 from torch.testing import assert_close
 
 import roformer
@@ -27,22 +28,7 @@ from roformer.positions import ALiBiPositions, T5RelativePositions, causal_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-B, H, T, D = 3, 4, 9, 8
-
-
-def _padding() -> torch.Tensor:
-    attention_mask = torch.ones(B, T, dtype=torch.long)
-    attention_mask[1, 6:] = 0
-    attention_mask[2, 2:] = 0
-    return attention_mask
-
-
-MASKS = {
-    "none": lambda: None,
-    "padding": lambda: padding_mask(_padding()),
-    "causal": lambda: causal_mask(T, T, torch.device("cpu")),
-    "padding+causal": lambda: combine_masks(padding_mask(_padding()), causal_mask(T, T, torch.device("cpu"))),
-}
+H, D = 4, 8
 
 
 def _t5_bias(causal: bool = False) -> torch.Tensor:
@@ -138,7 +124,7 @@ def test_single_query_attention_equals_eager_on_repeated_keys(groups, padded, bi
     of one sentence), with the bias of that last query against every key."""
     q = torch.randn(B * groups, H, 1, D)
     k, v = torch.randn(2, B, H, T, D).unbind(0)
-    mask = padding_mask(_padding()) if padded else None
+    mask = padding_mask(padding()) if padded else None
     bias = BIASES[bias_name]()
     bias = None if bias is None else bias.detach()[..., -1:, :]  # (1, nh, 1, T)
     expected, _ = eager_attention(
@@ -241,7 +227,7 @@ def test_long_cpu_training_with_dropout_attends_in_chunks(tiny_config, monkeypat
     monkeypatch.setattr(roformer.kernels, "chunked_attention", lambda *a: calls.append(a) or chunked_attention(*a))
     model = roformer.RoFormerForMaskedLM(tiny_config(attention_dropout=0.1))
     ids = torch.randint(1, 97, (B, T))
-    model(ids, _padding()).logits.sum().backward()
+    model(ids, padding()).logits.sum().backward()
     assert len(calls) == 2 and calls[0][-1] == 4  # every layer, in chunks of 4
     model.eval()
     model(ids)  # no dropout: the fused kernel
@@ -286,7 +272,7 @@ def test_causal_attention_alone_asks_sdpa_for_is_causal_and_passes_no_mask(monke
     q, k, v = _inputs()
     sdpa_attention(q, k, v, None, None, 0.0, causal=True)
     assert calls[-1].get("is_causal") is True and calls[-1].get("attn_mask") is None  # flash attention's form
-    sdpa_attention(q, k, v, padding_mask(_padding()), None, 0.0, causal=True)  # padding too: one merged mask
+    sdpa_attention(q, k, v, padding_mask(padding()), None, 0.0, causal=True)  # padding too: one merged mask
     assert not calls[-1].get("is_causal") and calls[-1]["attn_mask"].shape == (B, 1, T, T)
     sdpa_attention(q[..., -3:, :], k, v, None, None, 0.0, causal=True)  # queries after cached keys: not top-left
     assert not calls[-1].get("is_causal") and calls[-1]["attn_mask"].shape == (1, 1, 3, T)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_recipe import RECIPE, ROOT, TINY_PRETRAIN
 
 from roformer import RoFormerForMaskedLM
 from roformer.cli import main
@@ -22,27 +23,7 @@ from roformer.tokenization import load_tokenizer
 from roformer.tracking import read_metrics
 from roformer.trainer import Trainer, train
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RECIPE = ROOT / "configs" / "pretrain" / "tiny.yaml"
-TINY = [
-    "data.corpus=files",
-    f"data.train_files={DATA / 'text' / 'wikitext2.valid.txt'}",
-    "data.max_documents=60",
-    "data.tokenizer_vocab_size=2000",
-    "data.max_seq_length=64",
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.intermediate_size=64",
-    "model.max_position_embeddings=64",
-    "train.per_device_batch_size=8",
-    "train.log_every=1",
-    "train.eval_every=5",
-    "train.max_eval_batches=4",
-    "train.log_with=none",
-    "train.warmup_steps=2",
-]
+TINY = [*TINY_PRETRAIN, "train.eval_every=5", "train.max_eval_batches=4"]
 
 
 def tiny(run_dir, *extra):
